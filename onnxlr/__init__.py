@@ -1,0 +1,25 @@
+"""onnxlr: compress ONNX models by low-rank factorization, and prove the result.
+
+    import onnxlr
+    model, report = onnxlr.compress("model.onnx", method="auto", rank="evbmf")
+    print(report.to_table())
+"""
+
+from onnxlr.compress import CompressConfig, Rule, compress, compress_file
+from onnxlr.errors import OnnxlrError
+from onnxlr.ranks import RankSpec, parse_rank
+from onnxlr.report import CompressReport, LayerReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressConfig",
+    "CompressReport",
+    "LayerReport",
+    "OnnxlrError",
+    "RankSpec",
+    "Rule",
+    "compress",
+    "compress_file",
+    "parse_rank",
+]

@@ -1,0 +1,3 @@
+from onnxlr.cli import main
+
+raise SystemExit(main())

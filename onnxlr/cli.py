@@ -1,0 +1,223 @@
+"""Command-line interface: a thin layer that maps flags onto the Python API.
+
+Every subcommand has one ``_add_<name>`` function declaring its flags and one ``_run_<name>``
+function that calls the public API and returns the exit status. User errors (``OnnxlrError``) are
+caught once, in ``main``, and printed as a single line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from onnxlr.errors import OnnxlrError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors raise OnnxlrError so they print as one line with status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise OnnxlrError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+# --- compress -------------------------------------------------------------------------------
+
+
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="factorize the heavy layers of an ONNX model")
+    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
+    p.add_argument("--method", default="auto", help="auto (default: svd for Gemm/MatMul/1x1 conv, "
+                   "tucker for KxK conv), svd, tucker or cp")
+    p.add_argument("--rank", default=None, help="N, a fraction F (0.33), energy:E, evbmf or evbmf:W "
+                   "(default: %(default)s -> the library default)")
+    p.add_argument("--round-to", type=int, default=None, help="round derived ranks up to a multiple of N")
+    p.add_argument("--include", action="append", default=[], metavar="REGEX",
+                   help="only layers whose name (or op type) matches; repeatable")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="leave layers whose name (or op type) matches; repeatable")
+    p.add_argument("--force", action="store_true", help="replace layers even when MACs do not drop")
+    p.add_argument("--target-opset", type=int, default=None,
+                   help="convert the model to this opset first (onnx version converter)")
+    p.add_argument("--external-data", action="store_true", help="save weights in a .data file beside the model")
+    p.add_argument("--overwrite", action="store_true", help="allow the output to replace the input file")
+    p.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
+    p.set_defaults(run=_run_compress)
+
+
+def _compress_config(args):
+    from onnxlr.compress import CompressConfig
+
+    fields = {"method": args.method, "include": tuple(args.include), "exclude": tuple(args.exclude),
+              "force": args.force, "target_opset": args.target_opset}
+    if args.rank is not None:
+        fields["rank"] = args.rank
+    if args.round_to is not None:
+        fields["round_to"] = args.round_to
+    return CompressConfig(**fields)
+
+
+def _run_compress(args) -> int:
+    from onnxlr.compress import compress_file
+
+    config = _compress_config(args)
+    _, report = compress_file(
+        args.model,
+        args.output,
+        config,
+        overwrite=args.overwrite,
+        external_data=True if args.external_data else None,
+        report_path=args.report,
+    )
+    print(report.to_table())
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+# --- verify ---------------------------------------------------------------------------------
+
+
+def _add_runtime_flags(p) -> None:
+    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                   help="onnxruntime execution provider (default: cpu)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="shape of an input with dynamic dims, e.g. input:1,3,224,224 (repeatable;"
+                        " other dynamic dims are 1)")
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+
+
+def _add_verify(sub) -> None:
+    from onnxlr.verify import DEFAULT_MAX_REL_ERROR, DEFAULT_SAMPLES
+
+    p = sub.add_parser("verify", help="compare a candidate model's outputs with its reference's",
+                       description="Exit 0 when within tolerance, 1 when not, 2 on bad input.")
+    p.add_argument("reference", help="the original .onnx model")
+    p.add_argument("candidate", help="the model to check, e.g. the compressed one")
+    p.add_argument("--inputs", metavar="FILE.npz",
+                   help="real data: arrays keyed by input name, samples stacked on the first axis"
+                        " (default: seeded random data)")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                   help=f"random samples to draw (default: {DEFAULT_SAMPLES})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--int-range", default="0:100", metavar="LO:HI",
+                   help="range [LO, HI) of random integer inputs, e.g. token ids (default: 0:100)")
+    p.add_argument("--max-rel-error", type=_tolerance, default=DEFAULT_MAX_REL_ERROR, metavar="E",
+                   help="largest relative L2 error allowed on any output, or 'none' "
+                        f"(default: {DEFAULT_MAX_REL_ERROR:g})")
+    p.add_argument("--min-top1", type=float, metavar="A",
+                   help="smallest top-1 agreement allowed on [N, C] outputs, a fraction "
+                        "(default: not checked)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also report the error of each replaced layer's output, in graph order")
+    _add_runtime_flags(p)
+    p.set_defaults(run=_run_verify)
+
+
+def _run_verify(args) -> int:
+    from onnxlr.verify import verify, write_json
+
+    result = verify(
+        args.reference, args.candidate, inputs=args.inputs, shapes=_shapes(args.shape),
+        samples=args.samples, seed=args.seed, int_range=_int_range(args.int_range),
+        provider=args.provider, max_rel_error=args.max_rel_error, min_top1=args.min_top1,
+        per_layer=args.per_layer,
+    )
+    if args.json:
+        write_json(args.json, result.to_dict())
+    print(result.to_table())
+    for failure in result.failures:
+        print(f"onnxlr: FAILED: {failure}", file=sys.stderr)
+    return EXIT_OK if result else EXIT_FAIL
+
+
+def _tolerance(text: str) -> float | None:
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
+
+
+def _shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
+    from onnxlr.runtime import parse_shape
+
+    return dict(parse_shape(item) for item in items)
+
+
+def _int_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    try:
+        return int(lo), int(hi)
+    except ValueError:
+        raise OnnxlrError(f"bad --int-range {text!r}; write LO:HI, e.g. 0:30522") from None
+
+
+# --- bench ----------------------------------------------------------------------------------
+
+
+def _add_bench(sub) -> None:
+    from onnxlr.bench import DEFAULT_RUNS, DEFAULT_WARMUP
+
+    p = sub.add_parser("bench", help="time models in onnxruntime, interleaved, with speedups",
+                       description="Speedups are relative to the first model.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help=".onnx models (the first is the"
+                                                                " baseline)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: number of cores)")
+    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+                   help=f"untimed runs per model (default: {DEFAULT_WARMUP})")
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS,
+                   help=f"timed runs per model (default: {DEFAULT_RUNS})")
+    p.add_argument("--batch", type=int, default=1,
+                   help="size of a dynamic batch dim (default: 1)")
+    _add_runtime_flags(p)
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from onnxlr.bench import bench
+    from onnxlr.verify import write_json
+
+    result = bench(
+        args.models, provider=args.provider, threads=args.threads, warmup=args.warmup,
+        runs=args.runs, shapes=_shapes(args.shape), batch=args.batch,
+    )
+    if args.json:
+        write_json(args.json, result.to_dict())
+    print(result.to_table())
+    return EXIT_OK
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxlr", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_compress, _add_verify, _add_bench):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="onnxlr: %(message)s",
+        )
+        return args.run(args)
+    except OnnxlrError as exc:
+        print(f"onnxlr: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("onnxlr: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

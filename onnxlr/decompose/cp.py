@@ -1,0 +1,138 @@
+"""CP (canonical polyadic) decomposition of a conv kernel into separable rank-1 terms.
+
+Math: W[t, s, k_1..k_d] ~= sum_r A_out[t, r] A_in[s, r] A_1[k_1, r] ... A_d[k_d, r].
+Fitting ALS on a 512x512x3x3 kernel directly costs seconds per sweep, so the channel modes are
+first compressed with the Tucker-2 bases (CANDELINC): W ~= G x_0 U_out x_1 U_in with G of size
+min(T, R) x min(S, R) x k. A rank-R CP tensor has mode ranks <= R, so this loses nothing the CP
+model could use when W has CP rank R. ALS (tensorly's parafac, SVD-initialized) runs on the small
+core and the channel factors are lifted back: A_out = U_out B_out, A_in = U_in B_in. Column norms
+are spread evenly over the factors so that no factor carries all the scale (fp16-friendly).
+
+Chain (each spatial axis gets its own depthwise conv, carrying only that axis's kernel, stride,
+dilation and pads; axes with kernel 1 fold their scalar into the first conv, which then takes
+that axis's stride and pads):
+    x -Conv 1x1 (S->R)-> -Conv k_1 x 1 (depthwise, group R)-> ... -Conv 1 x k_d (depthwise)->
+      -Conv 1x1 (R->T, original bias)-> y
+Grouped convs use R terms per group and keep the group structure in every conv of the chain.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import numpy as np
+
+from onnxlr.decompose.linalg import left_singular, unfold
+from onnxlr.decompose.tucker import project
+from onnxlr.layers import ConvLayer, ConvStep, Replacement
+
+# (output-mode spectra, input-mode spectra, T_g, S_g, kernel) -> R, one spectrum per group
+CpRankChooser = Callable[[list[np.ndarray], list[np.ndarray], int, int, tuple[int, ...]], int]
+
+ALS_MAX_ITER = 300
+ALS_TOL = 1e-9
+
+
+def cp_factors(weight: np.ndarray, rank: int, seed: int = 0) -> list[np.ndarray]:
+    """Factor matrices [A_out, A_in, A_1, ..., A_d], each (mode size x rank), balanced norms."""
+    import tensorly as tl
+    from tensorly.decomposition import parafac
+
+    w = np.asarray(weight, dtype=np.float64)
+    _, basis_out = left_singular(unfold(w, 0))
+    _, basis_in = left_singular(unfold(w, 1))
+    u_out = basis_out[:, : min(rank, w.shape[0])]
+    u_in = basis_in[:, : min(rank, w.shape[1])]
+    core = project(w, u_out, u_in)
+    tl.set_backend("numpy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tensorly warns when rank exceeds a mode size
+        cp = parafac(
+            core,
+            rank=rank,
+            init="svd" if rank <= min(core.shape) else "random",
+            n_iter_max=ALS_MAX_ITER,
+            tol=ALS_TOL,
+            random_state=seed,
+            normalize_factors=False,
+            linesearch=True,
+        )
+    weights, factors = cp
+    factors = [np.asarray(f, dtype=np.float64) for f in factors]
+    factors[0] = factors[0] * np.asarray(weights)[None, :]
+    factors[0] = u_out @ factors[0]
+    factors[1] = u_in @ factors[1]
+    return balance(factors)
+
+
+def balance(factors: list[np.ndarray]) -> list[np.ndarray]:
+    """Give every factor of each rank-1 term the same column norm (their product is unchanged)."""
+    norms = np.stack([np.linalg.norm(f, axis=0) for f in factors])  # modes x R
+    total = np.prod(norms, axis=0)
+    target = np.where(total > 0, total, 1.0) ** (1.0 / len(factors))
+    safe = np.where(norms > 0, norms, 1.0)
+    return [f * (target / s)[None, :] for f, s in zip(factors, safe)]
+
+
+def reconstruct(factors: list[np.ndarray]) -> np.ndarray:
+    letters = "abcdefgh"[: len(factors)]
+    spec = ",".join(f"{c}r" for c in letters) + "->" + letters
+    return np.einsum(spec, *factors)
+
+
+def cp_chain(layer: ConvLayer, choose: CpRankChooser) -> Replacement:
+    groups = [np.asarray(w, dtype=np.float64) for w in layer.group_weights()]
+    t_g, s_g = groups[0].shape[:2]
+    spectra = [(left_singular(unfold(w, 0))[0], left_singular(unfold(w, 1))[0]) for w in groups]
+    rank = choose([s[0] for s in spectra], [s[1] for s in spectra], t_g, s_g, layer.kernel)
+    per_group = [cp_factors(w, rank) for w in groups]
+
+    d = layer.spatial_rank
+    g = layer.group
+    strides = layer.strides
+    dilations = layer.dilations
+    pads = layer.pads
+    ones = (1,) * d
+
+    # Axes with a kernel of 1 are a per-term scale: fold it into the input factor.
+    real_axes = [a for a in range(d) if layer.kernel[a] > 1]
+    first_blocks = []
+    for factors in per_group:
+        a_in = factors[1].copy()
+        for a in range(d):
+            if a not in real_axes:
+                a_in = a_in * factors[2 + a][0][None, :]
+        first_blocks.append(a_in.T)  # [R, S_g]
+    first_strides = tuple(strides[a] if a not in real_axes else 1 for a in range(d))
+    # With auto_pad, a kernel-1 axis never pads (SAME adds 0 when the kernel is 1).
+    first_pads = tuple(pads[a] if (a % d) not in real_axes else 0 for a in range(2 * d))
+    steps = [
+        ConvStep(
+            np.concatenate(first_blocks, axis=0).reshape(g * rank, s_g, *ones),
+            group=g,
+            strides=first_strides,
+            pads=first_pads if any(first_pads) else None,
+        )
+    ]
+    for a in real_axes:
+        kernel = [1] * d
+        kernel[a] = layer.kernel[a]
+        taps = np.concatenate([f[2 + a].T for f in per_group], axis=0)  # [g*R, k_a]
+        axis_strides = tuple(strides[a] if b == a else 1 for b in range(d))
+        axis_dilations = tuple(dilations[a] if b == a else 1 for b in range(d))
+        axis_pads = tuple(pads[b] if b % d == a else 0 for b in range(2 * d))
+        steps.append(
+            ConvStep(
+                taps.reshape(g * rank, 1, *kernel),
+                group=g * rank,
+                strides=axis_strides,
+                dilations=axis_dilations,
+                pads=axis_pads if layer.auto_pad == "NOTSET" else None,
+                auto_pad=layer.auto_pad,
+            )
+        )
+    last = np.concatenate([f[0] for f in per_group], axis=0)  # [T, R]
+    steps.append(ConvStep(last.reshape(layer.out_channels, rank, *ones), bias=layer.bias, group=g))
+    reconstruction = np.concatenate([reconstruct(f) for f in per_group], axis=0)
+    return Replacement(method="cp", steps=steps, ranks={"rank": rank}, reconstruction=reconstruction)

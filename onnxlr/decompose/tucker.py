@@ -1,0 +1,93 @@
+"""Tucker-2 decomposition of a conv kernel on its two channel modes.
+
+Math: W [T, S, *k] ~= G x_0 U_out x_1 U_in with U_out (T x R4) and U_in (S x R3) orthonormal and
+core G [R4, R3, *k] = W x_0 U_out^T x_1 U_in^T. The bases start as the leading eigenvectors of the
+mode-0 and mode-1 Gram matrices (HOSVD; only T x T and S x S matrices, never a full SVD), then a
+few HOOI sweeps refine each basis against the other projected tensor. The spectra used to choose
+ranks are those of the two unfoldings. At full rank the bases are complete and the chain is exact.
+
+Chain (the stride, dilation and pads belong to the core conv only):
+    x -Conv 1x1 (S->R3)-> -Conv k (R3->R4, original kernel/strides/dilations/pads)->
+      -Conv 1x1 (R4->T, original bias)-> y
+Grouped convs are decomposed per group; every conv of the chain keeps the group count, so the
+block-diagonal structure survives (R3 and R4 are then per group).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from onnxlr.decompose.linalg import left_singular, unfold
+from onnxlr.layers import ConvLayer, ConvStep, Replacement
+
+# (output-mode spectra, input-mode spectra, T_g, S_g) -> (R4, R3), one spectrum per group
+TuckerRankChooser = Callable[[list[np.ndarray], list[np.ndarray], int, int], tuple[int, int]]
+
+HOOI_SWEEPS = 2
+
+
+def channel_spectra(weight: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(singular values, basis) of the output-channel and input-channel unfoldings."""
+    return left_singular(unfold(weight, 0)), left_singular(unfold(weight, 1))
+
+
+def project(weight: np.ndarray, u_out: np.ndarray, u_in: np.ndarray) -> np.ndarray:
+    """Core G = W x_0 U_out^T x_1 U_in^T."""
+    flat = weight.reshape(weight.shape[0], weight.shape[1], -1)
+    core = np.einsum("tsk,tr,sq->rqk", flat, u_out, u_in, optimize=True)
+    return core.reshape(u_out.shape[1], u_in.shape[1], *weight.shape[2:])
+
+
+def hooi(weight: np.ndarray, u_out: np.ndarray, u_in: np.ndarray, sweeps: int = HOOI_SWEEPS):
+    """Alternate: best U_out for the tensor projected on U_in, then best U_in given U_out."""
+    w = np.asarray(weight, dtype=np.float64)
+    r4, r3 = u_out.shape[1], u_in.shape[1]
+    if r4 == w.shape[0] and r3 == w.shape[1]:
+        return u_out, u_in  # complete bases: nothing to refine
+    for _ in range(sweeps):
+        partial_in = np.einsum("ts...,sq->tq...", w, u_in)
+        u_out = left_singular(unfold(partial_in, 0))[1][:, :r4]
+        partial_out = np.einsum("ts...,tr->rs...", w, u_out)
+        u_in = left_singular(unfold(partial_out, 1))[1][:, :r3]
+    return u_out, u_in
+
+
+def tucker2_chain(layer: ConvLayer, choose: TuckerRankChooser) -> Replacement:
+    groups = [np.asarray(w, dtype=np.float64) for w in layer.group_weights()]
+    spectra = [channel_spectra(w) for w in groups]
+    t_g, s_g = groups[0].shape[:2]
+    r4, r3 = choose([s[0][0] for s in spectra], [s[1][0] for s in spectra], t_g, s_g)
+
+    firsts, cores, lasts, reconstructions = [], [], [], []
+    for w, ((_, basis_out), (_, basis_in)) in zip(groups, spectra):
+        u_out, u_in = hooi(w, basis_out[:, :r4], basis_in[:, :r3])
+        core = project(w, u_out, u_in)
+        firsts.append(u_in.T)  # [R3, S_g]
+        cores.append(core)  # [R4, R3, *k]
+        lasts.append(u_out)  # [T_g, R4]
+        reconstructions.append(np.einsum("rq...,tr,sq->ts...", core, u_out, u_in))
+
+    ones = (1,) * layer.spatial_rank
+    first_w = np.concatenate(firsts, axis=0).reshape(layer.group * r3, s_g, *ones)
+    core_w = np.concatenate(cores, axis=0)
+    last_w = np.concatenate(lasts, axis=0).reshape(layer.out_channels, r4, *ones)
+    steps = [
+        ConvStep(first_w, group=layer.group),
+        ConvStep(
+            core_w,
+            group=layer.group,
+            strides=layer.strides,
+            dilations=layer.dilations,
+            pads=layer.pads,
+            auto_pad=layer.auto_pad,
+        ),
+        ConvStep(last_w, bias=layer.bias, group=layer.group),
+    ]
+    return Replacement(
+        method="tucker",
+        steps=steps,
+        ranks={"rank_in": r3, "rank_out": r4},
+        reconstruction=np.concatenate(reconstructions, axis=0),
+    )

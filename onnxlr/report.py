@@ -1,0 +1,124 @@
+"""What compress did, per layer and in total: a table for people and JSON for tools."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    name: str
+    op_type: str
+    method: str | None
+    ranks: dict[str, int] | None
+    weight_shape: list[int]
+    params_before: int
+    params_after: int
+    macs_before: int | None
+    macs_after: int | None
+    weight_rel_error: float | None
+    skipped: str | None
+    raw_ranks: dict[str, int] | None = None
+    output: str | None = None  # the tensor the layer (or its chain) writes
+    graph: str = "main"
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompressReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    model_notes: list[str] = field(default_factory=list)
+
+    @property
+    def replaced(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.skipped is None]
+
+    @property
+    def totals(self) -> dict[str, int | None]:
+        def total(key: str) -> int | None:
+            values = [getattr(layer, key) for layer in self.layers]
+            return None if any(v is None for v in values) else sum(values)
+
+        return {
+            "params_before": total("params_before"),
+            "params_after": total("params_after"),
+            "macs_before": total("macs_before"),
+            "macs_after": total("macs_after"),
+            "layers_replaced": len(self.replaced),
+            "layers_skipped": len(self.layers) - len(self.replaced),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [asdict(layer) for layer in self.layers],
+            "totals": self.totals,
+            "warnings": self.warnings,
+            "notes": self.model_notes,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_table(self) -> str:
+        rows = [("layer", "op", "method", "ranks", "params", "MACs", "w.err", "note")]
+        for layer in self.layers:
+            ranks = ",".join(str(v) for v in layer.ranks.values()) if layer.ranks else "-"
+            rows.append(
+                (
+                    layer.name,
+                    layer.op_type,
+                    layer.method or "-",
+                    ranks,
+                    f"{_human(layer.params_before)}->{_human(layer.params_after)}",
+                    f"{_human(layer.macs_before)}->{_human(layer.macs_after)}",
+                    "-" if layer.weight_rel_error is None else f"{layer.weight_rel_error:.3g}",
+                    layer.skipped or "; ".join(layer.notes),
+                )
+            )
+        t = self.totals
+        rows.append(
+            (
+                "TOTAL",
+                "",
+                f"{t['layers_replaced']} replaced",
+                f"{t['layers_skipped']} kept",
+                f"{_human(t['params_before'])}->{_human(t['params_after'])} ({_ratio(t['params_before'], t['params_after'])})",
+                f"{_human(t['macs_before'])}->{_human(t['macs_after'])} ({_ratio(t['macs_before'], t['macs_after'])})",
+                "",
+                "",
+            )
+        )
+        lines = format_table(rows)
+        if not self.replaced:
+            lines.append("No layer was replaced: " + ("the model has no Conv, Gemm or MatMul layer"
+                                                       if not self.layers else "see the reasons above"))
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        lines.extend(f"note: {n}" for n in self.model_notes)
+        return "\n".join(lines)
+
+
+def format_table(rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for j, row in enumerate(rows):
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _ratio(before: int | None, after: int | None) -> str:
+    if not before or not after:
+        return "?"
+    return f"{before / after:.2f}x"

@@ -1,0 +1,68 @@
+"""Task metrics per model and ``evaluate``: run onnxruntime CPU over a model's evaluation sets.
+
+Each model module (``effnet``, ``ppocr``, ``minilm``) exposes:
+
+- ``NAME``: the folder name under the output root;
+- ``EVAL_SETS``: names of its evaluation sets (``<set>.npz`` inputs, ``<set>_gt.npz`` truth);
+- ``score(eval_set, outputs, gt, meta) -> dict``: the task metric(s) from the model's outputs
+  (list of numpy arrays, onnxruntime order), the ground-truth arrays and the model's
+  metadata_props (the OCR character set lives there);
+- optionally ``compact(outputs) -> outputs``: shrinks each batch's outputs before they are kept
+  (``score`` accepts both forms).
+
+The metric functions themselves are importable from here too (``topk_accuracy``,
+``top1_agreement``, ``char_accuracy``, ``embedding_metrics``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from . import common, effnet, minilm, ppocr
+from .effnet import top1_agreement, topk_accuracy
+from .minilm import embedding_metrics
+from .ppocr import char_accuracy
+
+MODELS: dict[str, ModuleType] = {m.NAME: m for m in (effnet, ppocr, minilm)}
+
+__all__ = ["MODELS", "evaluate", "score", "topk_accuracy", "top1_agreement", "char_accuracy",
+           "embedding_metrics"]
+
+
+def model_module(model_name: str) -> ModuleType:
+    try:
+        return MODELS[model_name]
+    except KeyError:
+        raise ValueError(f"unknown model {model_name!r}; valid: {', '.join(MODELS)}") from None
+
+
+def score(model_name: str, eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
+          meta: dict[str, str] | None = None) -> dict:
+    """The task metric(s) of ``model_name`` on ``eval_set`` from onnxruntime outputs."""
+    return model_module(model_name).score(eval_set, outputs, gt, meta or {})
+
+
+def evaluate(model_name: str, onnx_path: str | Path, data_dir: str | Path,
+             batch_size: int = 32) -> dict:
+    """Run ``onnx_path`` with onnxruntime CPU over every evaluation set in ``data_dir``.
+
+    ``data_dir`` is the model's folder (``<root>/<model_name>``) or the root above it.
+    Batches of ``batch_size`` where the model's batch dimension is dynamic.
+    Returns ``{eval_set: {metric: value, ...}, ...}``.
+    """
+    mod = model_module(model_name)
+    data_dir = Path(data_dir)
+    if not (data_dir / f"{mod.EVAL_SETS[0]}.npz").exists() and (data_dir / mod.NAME).is_dir():
+        data_dir = data_dir / mod.NAME
+    sess = common.session(Path(onnx_path))
+    meta = dict(sess.get_modelmeta().custom_metadata_map)
+    results = {}
+    for eval_set in mod.EVAL_SETS:
+        inputs = common.load_npz(data_dir / f"{eval_set}.npz")
+        gt = common.load_npz(data_dir / f"{eval_set}_gt.npz")
+        outputs = common.run_batched(sess, inputs, batch_size, getattr(mod, "compact", None))
+        results[eval_set] = mod.score(eval_set, outputs, gt, meta)
+    return results

@@ -1,0 +1,577 @@
+"""Train the bundled demo model: a small VGG-style CNN on scikit-learn's digits.
+
+The model is deliberately over-parameterized (64-64-128-128-256-256 3x3 convs on 32x32 inputs,
+then 4096 -> 256 -> 10), the regime where low-rank factorization pays off. Weight decay pushes
+the weight spectra to decay, so Tucker-2 / SVD truncation loses little accuracy.
+
+Outputs (under --out-dir, default ``models/``):
+
+    digits_vgg.onnx        opset 17, input ``input`` [batch,1,32,32], output ``logits`` [batch,10]
+    digits_vgg_test.npz    held-out test split: ``input`` float32 [N,1,32,32], ``labels`` int64 [N]
+    digits_vgg_calib.npz   disjoint calibration split, same form (for data-aware compression)
+    digits_vgg.md          model card: architecture, data, accuracy, latency, truncation check
+
+PyTorch and scikit-learn are tool-only dependencies (``pip install .[tools]``); the onnxlr
+package never imports them. Run from the repository root::
+
+    python tools/train_digits_vgg.py --out-dir models --epochs 15 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+log = logging.getLogger("train_digits_vgg")
+
+RESOLUTION = 32
+CONV_WIDTHS = ((64, 64), (128, 128), (256, 256))  # one tuple per stage, 2x2 max-pool after each
+HIDDEN = 256
+NUM_CLASSES = 10
+TEST_FRACTION = 0.30
+CALIB_FRACTION = 0.10
+MAX_SHIFT_PX = 2
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """Preprocessed images ([N,1,H,W] float32, exactly the model input) and int64 labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_calib: np.ndarray
+    y_calib: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    mean: float
+    std: float
+
+
+def upsample(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinearly resize [N,8,8] images in [0,16] to [N,1,size,size] in [0,1]."""
+    x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.clamp_(0.0, 1.0).numpy()
+
+
+def load_splits(seed: int, size: int = RESOLUTION) -> Splits:
+    """Stratified, disjoint train / calibration / test splits; normalized with train statistics."""
+    digits = load_digits()
+    images, labels = digits.images, digits.target.astype(np.int64)
+    idx = np.arange(len(labels))
+    rest, test = train_test_split(idx, test_size=TEST_FRACTION, random_state=seed, stratify=labels)
+    calib_share = CALIB_FRACTION / (1.0 - TEST_FRACTION)
+    train, calib = train_test_split(
+        rest, test_size=calib_share, random_state=seed, stratify=labels[rest]
+    )
+    assert not (set(train) & set(calib) or set(train) & set(test) or set(calib) & set(test))
+    x = upsample(images, size)
+    mean, std = float(x[train].mean()), float(x[train].std())
+    x = ((x - mean) / std).astype(np.float32)
+    return Splits(
+        x[train], labels[train], x[calib], labels[calib], x[test], labels[test], mean, std
+    )
+
+
+def random_shift(x: torch.Tensor, max_px: int, background: float) -> torch.Tensor:
+    """Translate each image by an integer number of pixels in [-max_px, max_px] per axis."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_px,) * 4, value=background)
+    dy = torch.randint(0, 2 * max_px + 1, (n,))
+    dx = torch.randint(0, 2 * max_px + 1, (n,))
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(
+        n, 1, h, w + 2 * max_px
+    )
+    out = torch.gather(padded, 2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, 1, h, w)
+    return torch.gather(out, 3, cols)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model() -> nn.Sequential:
+    """VGG-style: [conv3x3-BN-ReLU x2, maxpool] x3, flatten, FC-ReLU-dropout, FC."""
+    layers: list[nn.Module] = []
+    c_in = 1
+    for stage in CONV_WIDTHS:
+        for c_out in stage:
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+            c_in = c_out
+        layers.append(nn.MaxPool2d(2))
+    spatial = RESOLUTION // 2 ** len(CONV_WIDTHS)
+    layers += [
+        nn.Flatten(),
+        nn.Linear(c_in * spatial * spatial, HIDDEN),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.3),
+        nn.Linear(HIDDEN, NUM_CLASSES),
+    ]
+    return nn.Sequential(*layers)
+
+
+def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
+    """Return an eval-mode copy with every Conv2d+BatchNorm2d pair folded into one biased Conv2d."""
+    model = model.eval()
+    folded: list[nn.Module] = []
+    modules = list(model)
+    i = 0
+    while i < len(modules):
+        m = modules[i]
+        if (
+            isinstance(m, nn.Conv2d)
+            and i + 1 < len(modules)
+            and isinstance(modules[i + 1], nn.BatchNorm2d)
+        ):
+            folded.append(torch.nn.utils.fusion.fuse_conv_bn_eval(m, modules[i + 1]))
+            i += 2
+            continue
+        if not isinstance(m, nn.Dropout):
+            folded.append(m)
+        i += 1
+    return nn.Sequential(*folded).eval()
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, size: int = RESOLUTION) -> dict[str, int]:
+    """Multiply-accumulates per image for each Conv2d / Linear, keyed by module index."""
+    macs: dict[str, int] = {}
+
+    def hook(name: str):
+        def fn(mod: nn.Module, _inp, out: torch.Tensor) -> None:
+            if isinstance(mod, nn.Conv2d):
+                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+                macs[name] = out[0].numel() * k
+            else:
+                macs[name] = mod.in_features * mod.out_features
+
+        return fn
+
+    handles = [
+        m.register_forward_hook(hook(n))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 1, size, size))
+    for h in handles:
+        h.remove()
+    return macs
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(
+    model: nn.Module,
+    splits: Splits,
+    epochs: int,
+    seed: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int = 64,
+) -> float:
+    """SGD + Nesterov momentum with one-cycle LR and label smoothing; returns seconds spent."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(splits.x_train)
+    y = torch.from_numpy(splits.y_train)
+    background = -splits.mean / splits.std
+    steps = math.ceil(len(y) / batch_size)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps, pct_start=0.2
+    )
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(y), generator=gen)
+        total = 0.0
+        for s in range(steps):
+            b = perm[s * batch_size : (s + 1) * batch_size]
+            xb = random_shift(x[b], MAX_SHIFT_PX, background)
+            loss = F.cross_entropy(model(xb), y[b], label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(b)
+        acc = torch_accuracy(model, splits.x_calib, splits.y_calib)
+        log.info(
+            "epoch %2d/%d  loss %.4f  calib acc %.4f  (%.0fs)",
+            epoch + 1,
+            epochs,
+            total / len(y),
+            acc,
+            time.perf_counter() - t0,
+        )
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def torch_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    model.eval()
+    pred = model(torch.from_numpy(x)).argmax(1).numpy()
+    return float((pred == y).mean())
+
+
+# ----------------------------------------------------------------------------- export / ORT
+
+
+def export_onnx(model: nn.Module, path: Path) -> None:
+    dummy = torch.zeros(1, 1, RESOLUTION, RESOLUTION)
+    torch.onnx.export(
+        model,
+        dummy,
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        do_constant_folding=True,
+    )
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m, full_check=True)
+
+
+def ort_session(model: onnx.ModelProto | str | Path, threads: int = 2) -> ort.InferenceSession:
+    """CPU session with default graph optimization and ``threads`` intra-op threads."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_accuracy(model: onnx.ModelProto | str | Path, x: np.ndarray, y: np.ndarray) -> float:
+    logits = ort_session(model).run(["logits"], {"input": x})[0]
+    return float((logits.argmax(1) == y).mean())
+
+
+def ort_latency_ms(path: Path, runs: int = 100, warmup: int = 10) -> tuple[float, float]:
+    """Median and 10th-percentile batch-1 latency in milliseconds."""
+    sess = ort_session(path)
+    x = np.zeros((1, 1, RESOLUTION, RESOLUTION), np.float32)
+    for _ in range(warmup):
+        sess.run(None, {"input": x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, {"input": x})
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times)), float(np.percentile(times, 10))
+
+
+# ----------------------------------------------------------------------------- truncation check
+
+
+def round_up(x: float, multiple: int = 8) -> int:
+    return int(math.ceil(x / multiple) * multiple)
+
+
+def tucker2_reconstruct(w: np.ndarray, r_out: int, r_in: int) -> np.ndarray:
+    """HOSVD on the output and input channel modes: W ~ U_o U_o^T x_0 W x_1 U_i U_i^T."""
+    c_out, c_in = w.shape[:2]
+    u_o = np.linalg.svd(w.reshape(c_out, -1), full_matrices=False)[0][:, :r_out]
+    u_i = np.linalg.svd(w.transpose(1, 0, 2, 3).reshape(c_in, -1), full_matrices=False)[0]
+    u_i = u_i[:, :r_in]
+    core = np.einsum("oihw,or,is->rshw", w, u_o, u_i, optimize=True)
+    return np.einsum("rshw,or,is->oihw", core, u_o, u_i, optimize=True).astype(w.dtype)
+
+
+def svd_reconstruct(w: np.ndarray, rank: int) -> np.ndarray:
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vt[:rank]).astype(w.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class TruncationResult:
+    conv_fraction: float
+    fc_fraction: float
+    conv_macs: int
+    conv_macs_original: int
+    accuracy: float
+    ranks: list[tuple[str, int, int]]
+
+
+def truncate_model(
+    model: onnx.ModelProto, conv_fraction: float, fc_fraction: float, size: int = RESOLUTION
+) -> tuple[onnx.ModelProto, TruncationResult]:
+    """Replace 3x3 conv weights (c_in > 1) by Tucker-2 and the largest Gemm weight by SVD, in place.
+
+    Conv MACs of the factorized form are counted as the 1x1 -> 3x3 -> 1x1 chain would run them.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    spatial = size
+    conv_macs = conv_macs_orig = 0
+    ranks: list[tuple[str, int, int]] = []
+    gemm_weights = []
+    for node in m.graph.node:
+        if node.op_type == "MaxPool":
+            spatial //= 2
+        elif node.op_type == "Conv":
+            t = inits[node.input[1]]
+            w = onnx.numpy_helper.to_array(t)
+            c_out, c_in, kh, kw = w.shape
+            full = spatial * spatial * c_out * c_in * kh * kw
+            conv_macs_orig += full
+            if c_in == 1:
+                conv_macs += full
+                continue
+            r_out = min(c_out, round_up(conv_fraction * c_out))
+            r_in = min(c_in, round_up(conv_fraction * c_in))
+            t.CopyFrom(onnx.numpy_helper.from_array(tucker2_reconstruct(w, r_out, r_in), t.name))
+            conv_macs += spatial * spatial * (c_in * r_in + r_in * r_out * kh * kw + r_out * c_out)
+            ranks.append((node.name, r_out, r_in))
+        elif node.op_type == "Gemm":
+            gemm_weights.append(inits[node.input[1]])
+    big = max(gemm_weights, key=lambda t: int(np.prod(t.dims)))
+    w = onnx.numpy_helper.to_array(big)
+    rank = round_up(fc_fraction * min(w.shape))
+    big.CopyFrom(onnx.numpy_helper.from_array(svd_reconstruct(w, rank), big.name))
+    ranks.append((big.name, rank, rank))
+    return m, TruncationResult(conv_fraction, fc_fraction, conv_macs, conv_macs_orig, 0.0, ranks)
+
+
+def truncation_check(
+    path: Path, x: np.ndarray, y: np.ndarray, conv_fractions=(0.5, 0.375, 0.25), fc_fraction=0.25
+) -> list[TruncationResult]:
+    model = onnx.load(str(path))
+    results = []
+    for frac in conv_fractions:
+        m, r = truncate_model(model, frac, fc_fraction)
+        acc = ort_accuracy(m, x, y)
+        results.append(dataclasses.replace(r, accuracy=acc))
+        log.info(
+            "truncation conv %.3f fc %.2f: conv MACs %.1fM -> %.1fM (%.2fx), acc %.4f",
+            frac,
+            fc_fraction,
+            r.conv_macs_original / 1e6,
+            r.conv_macs / 1e6,
+            r.conv_macs_original / r.conv_macs,
+            acc,
+        )
+    return results
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+def layer_table(model: nn.Sequential) -> str:
+    macs = count_macs(model)
+    rows = ["| # | layer | params | MACs |", "|---|---|---:|---:|"]
+    for name, m in model.named_children():
+        if isinstance(m, nn.Conv2d):
+            desc = f"Conv {m.in_channels}->{m.out_channels}, 3x3, pad 1, + ReLU"
+        elif isinstance(m, nn.Linear):
+            desc = f"Gemm {m.in_features}->{m.out_features}"
+        elif isinstance(m, nn.MaxPool2d):
+            rows.append(f"| {name} | MaxPool 2x2 | 0 | - |")
+            continue
+        else:
+            continue
+        rows.append(f"| {name} | {desc} | {count_params(m):,} | {macs[name] / 1e6:.2f}M |")
+    return "\n".join(rows)
+
+
+def write_card(
+    path: Path,
+    model: nn.Sequential,
+    splits: Splits,
+    args: argparse.Namespace,
+    stats: dict,
+    truncation: list[TruncationResult],
+) -> None:
+    macs = count_macs(model)
+    conv_macs = sum(v for k, v in macs.items() if isinstance(model[int(k)], nn.Conv2d))
+    trunc_rows = "\n".join(
+        f"| {r.conv_fraction:.3f} | {r.fc_fraction:.2f} | "
+        f"{', '.join(f'{a}/{b}' for _, a, b in r.ranks[:-1])} | {r.ranks[-1][1]} | "
+        f"{r.conv_macs / 1e6:.1f}M ({r.conv_macs_original / r.conv_macs:.2f}x fewer) | "
+        f"{r.accuracy * 100:.2f}% ({(r.accuracy - stats['ort_acc']) * 100:+.2f}) |"
+        for r in truncation
+    )
+    text = f"""# digits_vgg: bundled demo model
+
+A VGG-style CNN trained on scikit-learn's 8x8 digits, upsampled to {RESOLUTION}x{RESOLUTION}. It is
+deliberately over-parameterized, the regime where low-rank factorization pays off, and it is the
+default demo model for onnxlr. Produced by `tools/train_digits_vgg.py`.
+
+## Files
+
+| file | contents |
+|---|---|
+| `digits_vgg.onnx` | opset 17; input `input` float32 [batch,1,{RESOLUTION},{RESOLUTION}], output `logits` float32 [batch,10] |
+| `digits_vgg_test.npz` | held-out test split: `input` float32 [{len(splits.y_test)},1,{RESOLUTION},{RESOLUTION}], `labels` int64 [{len(splits.y_test)}] |
+| `digits_vgg_calib.npz` | disjoint calibration split, same form, {len(splits.y_calib)} samples |
+
+The npz `input` arrays are exactly what the model consumes: no further preprocessing.
+
+## Architecture
+
+BatchNorm was used in training and folded into the conv weights and biases before export, so the
+graph is Conv / Relu / MaxPool / Flatten / Gemm only.
+
+{layer_table(model)}
+
+Total: **{count_params(model):,} parameters** ({count_params(model) * 4 / 2**20:.1f} MiB fp32),
+**{sum(macs.values()) / 1e6:.1f}M MACs** per image, of which {conv_macs / 1e6:.1f}M
+({conv_macs / sum(macs.values()) * 100:.1f}%) are in convolutions.
+
+## Data
+
+scikit-learn `load_digits()` (1797 images, 8x8, values 0-16; shipped with scikit-learn, no
+download). Preprocessing: divide by 16, bilinear resize to {RESOLUTION}x{RESOLUTION}
+(`align_corners=False`), clamp to [0,1], normalize with the train-split statistics
+`(x - {splits.mean:.6f}) / {splits.std:.6f}`.
+
+Splits are stratified by label with `sklearn.model_selection.train_test_split(random_state=seed)`
+and disjoint: train {len(splits.y_train)}, calibration {len(splits.y_calib)},
+test {len(splits.y_test)}. Training augmentation: random integer shifts of up to
+{MAX_SHIFT_PX} px per axis.
+
+## Training
+
+SGD, Nesterov momentum 0.9, one-cycle LR (peak {args.lr}), weight decay {args.weight_decay}
+(to make the weight spectra decay), batch 64, label smoothing 0.1, dropout 0.3 before the last
+FC, {args.epochs} epochs, seed {args.seed}, `torch.set_num_threads(2)`. Training took
+{stats["train_s"]:.0f} s on 2 CPU cores (torch {torch.__version__}).
+
+    {stats["command"]}
+
+## Results
+
+| metric | value |
+|---|---|
+| test accuracy, onnxruntime ({len(splits.y_test)} images) | **{stats["ort_acc"] * 100:.2f}%** |
+| test accuracy, PyTorch | {stats["torch_acc"] * 100:.2f}% |
+| calibration accuracy, onnxruntime | {stats["calib_acc"] * 100:.2f}% |
+| ORT CPU batch-1 latency, median of {stats["runs"]} runs | **{stats["latency_ms"]:.2f} ms** (p10 {stats["latency_p10_ms"]:.2f} ms) |
+
+Latency: onnxruntime {ort.__version__}, CPUExecutionProvider, default graph optimization,
+`intra_op_num_threads=2`, on the machine that trained the model; it will differ elsewhere.
+
+## Compressibility check
+
+Each 3x3 conv with more than one input channel has its weight replaced in place by its Tucker-2
+(HOSVD on the two channel modes) reconstruction, ranks = ceil to a multiple of 8 of the fraction
+times the channels; the 4096->256 Gemm weight by its truncated SVD. "conv MACs" counts the
+1x1 -> 3x3 -> 1x1 chain a Tucker-2 replacement would run (original conv MACs
+{truncation[0].conv_macs_original / 1e6:.1f}M). Accuracy by onnxruntime on the test split.
+
+| conv fraction | fc fraction | conv ranks (out/in) | fc rank | conv MACs | test accuracy |
+|---|---|---|---|---|---|
+{trunc_rows}
+
+This is truncation only, without fine-tuning or data-aware rank selection.
+
+## Reproduce
+
+    python3 -m venv .venv-tools
+    .venv-tools/bin/pip install torch==2.13.0 scikit-learn onnx onnxruntime numpy
+    .venv-tools/bin/{stats["command"]}
+
+Seeds are fixed, but bit-exact weights across machines or torch builds are not guaranteed.
+"""
+    path.write_text(text)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    np.savez_compressed(path, input=x.astype(np.float32), labels=y.astype(np.int64))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out-dir", type=Path, default=Path("models"))
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--latency-runs", type=int, default=100)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(2)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    splits = load_splits(args.seed)
+    log.info(
+        "splits: train %d, calib %d, test %d",
+        len(splits.y_train),
+        len(splits.y_calib),
+        len(splits.y_test),
+    )
+    model = build_model()
+    log.info("params %d, MACs %.1fM", count_params(model), sum(count_macs(model).values()) / 1e6)
+    train_s = train(model, splits, args.epochs, args.seed, args.lr, args.weight_decay)
+
+    folded = fold_batchnorm(model)
+    torch_acc = torch_accuracy(folded, splits.x_test, splits.y_test)
+    onnx_path = args.out_dir / "digits_vgg.onnx"
+    export_onnx(folded, onnx_path)
+    ort_acc = ort_accuracy(onnx_path, splits.x_test, splits.y_test)
+    calib_acc = ort_accuracy(onnx_path, splits.x_calib, splits.y_calib)
+    log.info("test accuracy: torch %.4f, onnxruntime %.4f", torch_acc, ort_acc)
+    if abs(torch_acc - ort_acc) > 1.0 / len(splits.y_test):
+        raise RuntimeError(f"ORT accuracy {ort_acc} disagrees with torch {torch_acc}")
+
+    save_npz(args.out_dir / "digits_vgg_test.npz", splits.x_test, splits.y_test)
+    save_npz(args.out_dir / "digits_vgg_calib.npz", splits.x_calib, splits.y_calib)
+    latency, p10 = ort_latency_ms(onnx_path, runs=args.latency_runs)
+    log.info("ORT batch-1 latency: median %.2f ms (p10 %.2f ms)", latency, p10)
+    truncation = truncation_check(onnx_path, splits.x_test, splits.y_test)
+
+    command = (
+        f"python tools/train_digits_vgg.py --out-dir {args.out_dir} --epochs {args.epochs} "
+        f"--seed {args.seed} --lr {args.lr} --weight-decay {args.weight_decay}"
+    )
+    stats = {
+        "train_s": train_s,
+        "torch_acc": torch_acc,
+        "ort_acc": ort_acc,
+        "calib_acc": calib_acc,
+        "latency_ms": latency,
+        "latency_p10_ms": p10,
+        "runs": args.latency_runs,
+        "command": command,
+    }
+    write_card(args.out_dir / "digits_vgg.md", folded, splits, args, stats, truncation)
+    log.info("wrote %s", args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
