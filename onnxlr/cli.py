@@ -45,6 +45,19 @@ def _add_compress(sub) -> None:
     p.add_argument("--external-data", action="store_true", help="save weights in a .data file beside the model")
     p.add_argument("--overwrite", action="store_true", help="allow the output to replace the input file")
     p.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
+    p.add_argument("--calib", metavar="DATA", help="calibration data: an .npz keyed by input name "
+                   "(samples stacked on the batch axis) or a folder of them; refines the factors on it")
+    p.add_argument("--calib-samples", type=int, default=None, metavar="N",
+                   help="use at most N calibration samples (default: all)")
+    p.add_argument("--calib-mode", choices=("asymmetric", "symmetric"), default="asymmetric",
+                   help="asymmetric (default): fit each layer to the original outputs from the inputs "
+                        "of the model compressed so far; symmetric: from the original inputs")
+    p.add_argument("--config", metavar="FILE", help="per-layer rules (JSON or YAML): an ordered list of "
+                   "{match, method, rank}; the first match wins, --method/--rank are the defaults")
+    p.add_argument("--verify", action="store_true", help="then verify the output against the input "
+                   "and benchmark both, and print one summary (exit 1 if verification fails)")
+    p.add_argument("--bench-runs", type=int, default=50, help="timed runs per model for --verify (default: 50)")
+    _add_check_options(p)
     p.set_defaults(run=_run_compress)
 
 
@@ -53,10 +66,16 @@ def _compress_config(args):
 
     fields = {"method": args.method, "include": tuple(args.include), "exclude": tuple(args.exclude),
               "force": args.force, "target_opset": args.target_opset}
+    if args.config:
+        from onnxlr.rules import load_rules
+
+        fields["rules"] = load_rules(args.config)
     if args.rank is not None:
         fields["rank"] = args.rank
     if args.round_to is not None:
         fields["round_to"] = args.round_to
+    if args.calib is not None:
+        fields.update(calib=args.calib, calib_samples=args.calib_samples, calib_mode=args.calib_mode)
     return CompressConfig(**fields)
 
 
@@ -74,54 +93,104 @@ def _run_compress(args) -> int:
     )
     print(report.to_table())
     print(f"wrote {args.output}")
+    if not args.verify:
+        return EXIT_OK
+    return _verify_and_bench(args, report)
+
+
+def _verify_and_bench(args, report) -> int:
+    from onnxlr.bench import bench
+    from onnxlr.report import compress_summary
+    from onnxlr.runtime import parse_int_range, parse_shapes
+    from onnxlr.verify import verify
+
+    shapes = parse_shapes(args.shape)
+    result = verify(
+        args.model, args.output, inputs=args.inputs, shapes=shapes, samples=args.samples,
+        seed=args.seed, int_range=parse_int_range(args.int_range), provider=args.provider,
+        max_rel_error=args.max_rel_error, min_top1=args.min_top1,
+    )
+    timing = bench([args.model, args.output], provider=args.provider, runs=args.bench_runs,
+                   shapes=shapes or None)
+    print()
+    print(compress_summary(report, result, timing))
+    for failure in result.failures:
+        print(f"onnxlr: FAILED: {failure}", file=sys.stderr)
+    return EXIT_OK if result else EXIT_FAIL
+
+
+# --- inspect --------------------------------------------------------------------------------
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="list the model's Conv/Gemm/MatMul layers, their cost, and suggested ranks")
+    p.add_argument("model", help=".onnx model")
+    p.add_argument("--round-to", type=int, default=8, help="round suggested ranks up to a multiple of N (default: 8)")
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    from onnxlr.compress import write_text_atomic
+    from onnxlr.inspect import inspect
+
+    result = inspect(args.model, round_to=args.round_to)
+    if args.json:
+        from pathlib import Path
+
+        write_text_atomic(Path(args.json), result.to_json())
+    print(result.to_table())
     return EXIT_OK
 
 
 # --- verify ---------------------------------------------------------------------------------
 
 
-def _add_runtime_flags(p) -> None:
-    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
-                   help="onnxruntime execution provider (default: cpu)")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
-                   help="shape of an input with dynamic dims, e.g. input:1,3,224,224 (repeatable;"
-                        " other dynamic dims are 1)")
-    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
-
-
 def _add_verify(sub) -> None:
-    from onnxlr.verify import DEFAULT_MAX_REL_ERROR, DEFAULT_SAMPLES
-
     p = sub.add_parser("verify", help="compare a candidate model's outputs with its reference's",
                        description="Exit 0 when within tolerance, 1 when not, 2 on bad input.")
     p.add_argument("reference", help="the original .onnx model")
     p.add_argument("candidate", help="the model to check, e.g. the compressed one")
+    _add_check_options(p)
+    p.add_argument("--per-layer", action="store_true",
+                   help="also report the error of each replaced layer's output, in graph order")
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.set_defaults(run=_run_verify)
+
+
+def _add_check_options(p) -> None:
+    """Data, provider and tolerance flags shared by `verify` and `compress --verify`."""
+    from onnxlr.runtime import PROVIDERS
+    from onnxlr.verify import DEFAULT_MAX_REL_ERROR, DEFAULT_SAMPLES, parse_tolerance
+
     p.add_argument("--inputs", metavar="FILE.npz",
                    help="real data: arrays keyed by input name, samples stacked on the first axis"
                         " (default: seeded random data)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="shape of a random input with dynamic dims, e.g. input:1,3,224,224 "
+                        "(repeatable; other dynamic dims are 1)")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                    help=f"random samples to draw (default: {DEFAULT_SAMPLES})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--int-range", default="0:100", metavar="LO:HI",
                    help="range [LO, HI) of random integer inputs, e.g. token ids (default: 0:100)")
-    p.add_argument("--max-rel-error", type=_tolerance, default=DEFAULT_MAX_REL_ERROR, metavar="E",
-                   help="largest relative L2 error allowed on any output, or 'none' "
-                        f"(default: {DEFAULT_MAX_REL_ERROR:g})")
+    p.add_argument("--provider", choices=tuple(PROVIDERS), default="cpu",
+                   help="onnxruntime execution provider (default: cpu)")
+    p.add_argument("--max-rel-error", type=parse_tolerance, default=DEFAULT_MAX_REL_ERROR,
+                   metavar="E", help="largest relative L2 error allowed on any output, or 'none' "
+                                     f"(default: {DEFAULT_MAX_REL_ERROR:g})")
     p.add_argument("--min-top1", type=float, metavar="A",
                    help="smallest top-1 agreement allowed on [N, C] outputs, a fraction "
                         "(default: not checked)")
-    p.add_argument("--per-layer", action="store_true",
-                   help="also report the error of each replaced layer's output, in graph order")
-    _add_runtime_flags(p)
-    p.set_defaults(run=_run_verify)
 
 
 def _run_verify(args) -> int:
+    from onnxlr.runtime import parse_int_range, parse_shapes
     from onnxlr.verify import verify, write_json
 
     result = verify(
-        args.reference, args.candidate, inputs=args.inputs, shapes=_shapes(args.shape),
-        samples=args.samples, seed=args.seed, int_range=_int_range(args.int_range),
+        args.reference, args.candidate, inputs=args.inputs, shapes=parse_shapes(args.shape),
+        samples=args.samples, seed=args.seed, int_range=parse_int_range(args.int_range),
         provider=args.provider, max_rel_error=args.max_rel_error, min_top1=args.min_top1,
         per_layer=args.per_layer,
     )
@@ -133,57 +202,41 @@ def _run_verify(args) -> int:
     return EXIT_OK if result else EXIT_FAIL
 
 
-def _tolerance(text: str) -> float | None:
-    if text.lower() in ("none", "off"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
-
-
-def _shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
-    from onnxlr.runtime import parse_shape
-
-    return dict(parse_shape(item) for item in items)
-
-
-def _int_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    try:
-        return int(lo), int(hi)
-    except ValueError:
-        raise OnnxlrError(f"bad --int-range {text!r}; write LO:HI, e.g. 0:30522") from None
-
-
 # --- bench ----------------------------------------------------------------------------------
 
 
 def _add_bench(sub) -> None:
     from onnxlr.bench import DEFAULT_RUNS, DEFAULT_WARMUP
+    from onnxlr.runtime import PROVIDERS
 
     p = sub.add_parser("bench", help="time models in onnxruntime, interleaved, with speedups",
                        description="Speedups are relative to the first model.")
-    p.add_argument("models", nargs="+", metavar="MODEL", help=".onnx models (the first is the"
-                                                                " baseline)")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help=".onnx models (the first is the baseline)")
+    p.add_argument("--provider", choices=tuple(PROVIDERS), default="cpu",
+                   help="onnxruntime execution provider (default: cpu)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: number of cores)")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                    help=f"untimed runs per model (default: {DEFAULT_WARMUP})")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS,
                    help=f"timed runs per model (default: {DEFAULT_RUNS})")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="shape of an input with dynamic dims, e.g. input:1,3,224,224 "
+                        "(repeatable; overrides --batch for that input)")
     p.add_argument("--batch", type=int, default=1,
-                   help="size of a dynamic batch dim (default: 1)")
-    _add_runtime_flags(p)
+                   help="size of a dynamic batch dim (default: 1; other dynamic dims are 1)")
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.set_defaults(run=_run_bench)
 
 
 def _run_bench(args) -> int:
     from onnxlr.bench import bench
+    from onnxlr.runtime import parse_shapes
     from onnxlr.verify import write_json
 
     result = bench(
         args.models, provider=args.provider, threads=args.threads, warmup=args.warmup,
-        runs=args.runs, shapes=_shapes(args.shape), batch=args.batch,
+        runs=args.runs, shapes=parse_shapes(args.shape), batch=args.batch,
     )
     if args.json:
         write_json(args.json, result.to_dict())
@@ -198,12 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxlr", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_compress, _add_verify, _add_bench):
+    for add in (_add_compress, _add_inspect, _add_verify, _add_bench):
         add(sub)
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that ``finally`` blocks remove temporary files."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(
@@ -215,8 +282,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxlr: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("onnxlr: interrupted; no output was written", file=sys.stderr)
+        print("onnxlr: interrupted; no partial output is left behind", file=sys.stderr)
         return 130
+    except Terminated:
+        print("onnxlr: terminated (SIGTERM); no partial output is left behind", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

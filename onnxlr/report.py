@@ -122,3 +122,27 @@ def _ratio(before: int | None, after: int | None) -> str:
     if not before or not after:
         return "?"
     return f"{before / after:.2f}x"
+
+
+def compress_summary(report: CompressReport, verification, timing) -> str:
+    """One table after `compress --verify`: size, cost, agreement and measured speed."""
+    t = report.totals
+    base, compressed = timing.models[0], timing.models[1]
+    rows = [("", "original", "compressed", "ratio")]
+    rows.append(("params (Conv/Gemm/MatMul weights)", _human(t["params_before"]), _human(t["params_after"]),
+                 _ratio(t["params_before"], t["params_after"])))
+    rows.append(("MACs (Conv/Gemm/MatMul)", _human(t["macs_before"]), _human(t["macs_after"]),
+                 _ratio(t["macs_before"], t["macs_after"])))
+    rows.append((f"latency median ms ({timing.providers[0]}, {timing.threads} threads)",
+                 f"{base.median_ms:.3g}", f"{compressed.median_ms:.3g}",
+                 f"{compressed.speedup:.2f}x (p10-p90 {compressed.speedup_p10:.2f}-{compressed.speedup_p90:.2f})"))
+    for out in verification.outputs:
+        stats = f"rel err {out.rel_error:.3g}, cosine {out.cosine:.5f}"
+        if out.top1 is not None:
+            stats += f", top-1 agree {100 * out.top1:.1f}%"
+        rows.append((f"output {out.name}", "", stats, ""))
+    lines = format_table(rows)
+    verdict = "PASSED" if verification else "FAILED"
+    lines.append(f"verification {verdict} on {verification.inputs.get('samples')} samples "
+                 f"({verification.inputs.get('source')}); speedup is the median of {timing.runs} interleaved pairs")
+    return "\n".join(lines)

@@ -113,7 +113,7 @@ def session_options(threads: int | None = None, *, verbose: bool = False):
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    opts.log_severity_level = 1 if verbose else 4  # failures surface as exceptions
+    opts.log_severity_level = 2 if verbose else 4  # warnings with -v; failures raise anyway
     return opts
 
 
@@ -144,7 +144,7 @@ def make_session(
         if not path.is_file():
             raise OnnxlrError(f"{path}: not a file; pass the path of an .onnx model")
         source = str(path)
-    opts = session_options(threads, verbose=log.isEnabledFor(logging.DEBUG))
+    opts = session_options(threads, verbose=log.isEnabledFor(logging.INFO))
     try:
         return ort.InferenceSession(source, sess_options=opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 -- onnxruntime's pybind errors subclass Exception
@@ -173,8 +173,8 @@ def _explain_load_failure(label: str, exc: Exception) -> str:
             f"opset {top}; re-export the model with opset <= {top} (or convert it with "
             f"onnx.version_converter), or upgrade onnxruntime"
         )
-    if kind == "InvalidProtobuf":
-        return f"{label} is not an ONNX model (protobuf parsing failed); pass a .onnx file"
+    if kind == "InvalidProtobuf" or "No graph was found" in msg:
+        return f"{label} is not an ONNX model ({msg.rpartition(':')[2]}); pass a .onnx file"
     if "is not a registered function/op" in msg:
         return (
             f"{where}: {msg}; the model uses an operator this onnxruntime does not implement "
@@ -250,6 +250,20 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Repeated ``--shape NAME:DIMS`` flags -> ``{name: dims}`` (a later flag wins)."""
+    return dict(parse_shape(item) for item in items)
+
+
+def parse_int_range(text: str) -> tuple[int, int]:
+    """``"LO:HI"`` -> ``(lo, hi)``, the half-open range of random integer inputs."""
+    lo, _, hi = text.partition(":")
+    try:
+        return int(lo), int(hi)
+    except ValueError:
+        raise OnnxlrError(f"bad integer range {text!r}; write LO:HI, e.g. 0:30522") from None
+
+
 def resolve_shapes(
     specs: Sequence[InputSpec],
     shapes: Mapping[str, Sequence[int]] | None = None,
@@ -315,7 +329,7 @@ def random_inputs(
     """
     lo, hi = int_range
     if hi <= lo:
-        raise OnnxlrError(f"bad integer range {lo}:{hi}; write LO:HI with LO < HI")
+        raise OnnxlrError(f"bad integer range {lo}:{hi}; write LO:HI with LO < HI, e.g. 0:30522")
     if samples < 1:
         raise OnnxlrError(f"samples must be at least 1, got {samples}")
     rng = np.random.default_rng(seed)
@@ -347,34 +361,43 @@ def load_npz(path: str | os.PathLike, specs: Sequence[InputSpec]) -> dict[str, n
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise OnnxlrError(f"{path} is not a readable .npz file ({exc}); save it with np.savez")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        raise OnnxlrError(f"{path} is not a readable .npz file; save the arrays with numpy.savez, "
+                          f"keyed by input name") from None
+    return check_data(arrays, specs, str(path))
+
+
+def check_data(
+    arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where: str = "inputs"
+) -> dict[str, np.ndarray]:
+    """Check a data set (samples stacked on axis 0) against the inputs; cast to their dtypes
+    (same kind only: float to float, int to int)."""
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise OnnxlrError(
-            f"{path} has no array for input(s) {', '.join(missing)} (it has: "
+            f"{where} has no array for input(s) {', '.join(missing)} (it has: "
             f"{', '.join(sorted(arrays)) or 'nothing'}); key each array by the input's name"
         )
     extra = sorted(set(arrays) - {s.name for s in specs})
     if extra:
-        log.warning("ignoring arrays %s in %s: the model has no such inputs", extra, path)
+        log.warning("ignoring arrays %s in %s: the model has no such inputs", extra, where)
     data = {}
     for spec in specs:
-        arr, want = arrays[spec.name], spec.dtype
+        arr, want = np.asarray(arrays[spec.name]), spec.dtype
         same_kind = arr.dtype.kind == want.kind or {arr.dtype.kind, want.kind} <= set("iu")
         if not same_kind:
             raise OnnxlrError(
-                f"{path}: array {spec.name!r} has dtype {arr.dtype} but the model wants {want}"
+                f"{where}: array {spec.name!r} has dtype {arr.dtype} but the model wants {want}"
             )
         if arr.ndim != len(spec.dims):
             raise OnnxlrError(
-                f"{path}: array {spec.name!r} has shape {list(arr.shape)} but the model's input "
+                f"{where}: array {spec.name!r} has shape {list(arr.shape)} but the model's input "
                 f"is {_fmt_dims(spec.dims)} (stack the samples along the first axis)"
             )
         for axis, (got, declared) in enumerate(zip(arr.shape, spec.dims)):
             if axis > 0 and declared is not None and got != declared:
                 raise OnnxlrError(
-                    f"{path}: array {spec.name!r} has shape {list(arr.shape)} but the model's "
+                    f"{where}: array {spec.name!r} has shape {list(arr.shape)} but the model's "
                     f"input is {_fmt_dims(spec.dims)}"
                 )
         data[spec.name] = arr.astype(want, copy=False)
@@ -404,6 +427,8 @@ def iter_feeds(
             + ", ".join(f"{k}={v}" for k, v in lengths.items())
         )
     total = next(iter(lengths.values()), 1)
+    if total == 0:
+        raise OnnxlrError("the input data holds no samples (its first axis has length 0)")
     if exact and total % rows:
         raise OnnxlrError(
             f"{total} samples cannot be fed in the model's fixed batches of {rows}; "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from onnxlr.graph import NameScope, make_initializer, replace_node
+from onnxlr.graph import NameScope, make_initializer, remove_unused_constants, replace_node
 from onnxlr.layers import ConvStep, LinearStep, Replacement
 from onnxlr.targets import Target
 
@@ -25,6 +25,11 @@ def splice(target: Target, replacement: Replacement, names: NameScope, opset: in
     else:
         nodes, inits = _linear_nodes(target, replacement.steps, names, stem, opset)
     replace_node(target.graph, node, nodes, inits, ir_version)
+    transpose = target.weight_transpose
+    if transpose is not None:  # it fed the old weight only: drop it and its constant
+        graph = target.graph
+        del graph.node[next(i for i, n in enumerate(graph.node) if n is transpose)]
+        remove_unused_constants(graph, [transpose.input[0], transpose.output[0]])
     return [n.name for n in nodes]
 
 

@@ -44,6 +44,9 @@ class Target:
     weight: ConstantSource | None = None
     weight_dtype: int = onnx.TensorProto.FLOAT
     gemm: GemmAttrs | None = None
+    # A Transpose that turns a constant into this layer's weight (old PyTorch exports of a
+    # bias-free Linear): read through, and removed together with the layer.
+    weight_transpose: onnx.NodeProto | None = None
     skip: str | None = None
     # shapes for MAC counting, per sample; None where unknown
     in_spatial: tuple[int | None, ...] | None = None
@@ -100,12 +103,18 @@ def _read_target(model, graph, node, index, scope, producers, real_inputs, uses,
         target.skip = "the constant is the first input of MatMul (x @ W with W constant is supported)"
         return target
     weight_name = node.input[weight_index] if len(node.input) > weight_index else ""
+    transpose = _constant_transpose(graph, node, weight_name, scope, producers, uses)
+    if transpose is not None:
+        target.weight_transpose = transpose
+        weight_name = transpose.input[0]
     reason = _weight_problem(model, weight_name, scope, producers, real_inputs, uses)
     source = scope.get(weight_name)
     if source is not None:
         target.weight_dtype = source.dtype
         dims = source.initializer.dims if source.initializer is not None else source.constant_node.attribute[0].t.dims
         target.weight_shape = tuple(int(d) for d in dims)
+        if transpose is not None:
+            target.weight_shape = target.weight_shape[::-1]
     if reason:
         target.skip = reason
         return target
@@ -114,8 +123,27 @@ def _read_target(model, graph, node, index, scope, producers, real_inputs, uses,
         return target
     target.weight = source
     reader = {"Conv": _read_conv, "Gemm": _read_gemm, "MatMul": _read_matmul}[node.op_type]
-    reader(target, source.to_array(), shapes)
+    array = source.to_array()
+    reader(target, array.T if transpose is not None else array, shapes)
     return target
+
+
+def _constant_transpose(graph, node, name, scope, producers, uses) -> onnx.NodeProto | None:
+    """The Transpose in ``graph`` that makes a 2-D constant into ``node``'s weight, read by
+    ``node`` alone; None when the weight is anything else."""
+    producer = producers.get(name)
+    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type not in ("Gemm", "MatMul") or uses.get(name, 0) != 1:
+        return None
+    if not any(n is producer for n in graph.node) or producer.input[0] not in scope:
+        return None
+    source = scope[producer.input[0]]
+    dims = source.initializer.dims if source.initializer is not None else source.constant_node.attribute[0].t.dims
+    perm = _attr(producer, "perm", None)
+    if len(dims) != 2 or (perm is not None and list(perm) != [1, 0]):
+        return None
+    return producer
 
 
 def _weight_problem(model, name, scope, producers, real_inputs, uses) -> str | None:
@@ -211,7 +239,7 @@ def _read_gemm(target: Target, weight: np.ndarray, shapes) -> None:
         beta=float(_attr(node, "beta", 1.0)),
         bias=node.input[2] if len(node.input) > 2 and node.input[2] else None,
     )
-    target.layer = LinearLayer(weight=np.asarray(matrix, dtype=np.float64) * alpha)
+    target.layer = LinearLayer(weight=_as_linear_weight(matrix, alpha))
     target.rows = 1
 
 
@@ -219,5 +247,13 @@ def _read_matmul(target: Target, weight: np.ndarray, shapes) -> None:
     if weight.ndim != 2:
         target.skip = f"MatMul weight has rank {weight.ndim}; only 2-D weights are factorized"
         return
-    target.layer = LinearLayer(weight=np.asarray(weight, dtype=np.float64))
+    target.layer = LinearLayer(weight=_as_linear_weight(weight, 1.0))
     target.rows = _rows_per_sample(shapes.get(target.node.input[0]))
+
+
+def _as_linear_weight(matrix: np.ndarray, alpha: float) -> np.ndarray:
+    """float32 weights stay float32 (the SVD accumulates in float64 block by block), so holding
+    every target's weight costs one copy of the model, not two; others become float64."""
+    if alpha == 1.0 and matrix.dtype == np.float32:
+        return matrix
+    return np.asarray(matrix, dtype=np.float64) * alpha

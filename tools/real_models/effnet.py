@@ -53,7 +53,8 @@ def normalize(rgb_uint8: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- model
-def export(root: Path, onnx_path: Path) -> None:
+def export(root: Path, onnx_path: Path):
+    """Export the pretrained model to ``onnx_path``; returns the torch module."""
     import torch
 
     arch = common.wheel_dir(root, ARCH_WHEEL)
@@ -71,6 +72,7 @@ def export(root: Path, onnx_path: Path) -> None:
         input_names=[INPUT], output_names=[OUTPUT],
         dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
     )
+    return model
 
 
 # ----------------------------------------------------------------------------- data
@@ -130,7 +132,7 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = 
         hit = (order[:, :k] == labels[:, None]).any(axis=1)
         out[f"top{k}"] = float(hit.mean())
         out[f"top{k}_count"] = int(hit.sum())
-    out["n"] = int(len(labels))
+    out["n"] = len(labels)
     return out
 
 
@@ -138,7 +140,7 @@ def top1_agreement(logits: np.ndarray, ref_top1: np.ndarray) -> dict:
     """Fraction of samples whose top-1 class equals the original model's."""
     agree = logits.argmax(axis=1) == ref_top1
     return {"top1_agreement": float(agree.mean()), "agree_count": int(agree.sum()),
-            "n": int(len(ref_top1))}
+            "n": len(ref_top1)}
 
 
 def score(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
@@ -161,9 +163,10 @@ def build(root: Path) -> Path:
     out = root / NAME
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "model.onnx"
-    export(root, onnx_path)
+    model = export(root, onnx_path)
 
     images, labels = imagenet_samples(root)
+    common.check_parity(model, onnx_path, {INPUT: normalize(images[:5])}, atol=1e-3)
     common.save_npz(out / "eval_imagenet.npz", {INPUT: normalize(images)})
     common.save_npz(out / "eval_imagenet_gt.npz", {"labels": labels})
 

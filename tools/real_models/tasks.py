@@ -28,8 +28,15 @@ from .ppocr import char_accuracy
 
 MODELS: dict[str, ModuleType] = {m.NAME: m for m in (effnet, ppocr, minilm)}
 
-__all__ = ["MODELS", "evaluate", "score", "topk_accuracy", "top1_agreement", "char_accuracy",
-           "embedding_metrics"]
+__all__ = [
+    "MODELS",
+    "char_accuracy",
+    "embedding_metrics",
+    "evaluate",
+    "score",
+    "top1_agreement",
+    "topk_accuracy",
+]
 
 
 def model_module(model_name: str) -> ModuleType:

@@ -1,0 +1,226 @@
+"""Data-aware refinement of low-rank factors: the math, pure numpy, on streamed input moments.
+
+Every layer onnxlr factorizes is, per group, an affine map of a vector x in R^n: the channel
+vector of a Gemm/MatMul row or a 1x1 conv position, or the im2col patch of a KxK conv (input
+channels of the group first, then the kernel taps, i.e. the order of ``weight.reshape(T_g, -1)``):
+
+    y = W x + b,         W [T, n], b [T] (zero when the layer has none).
+
+Calibration streams (x_c, x_o) pairs through :class:`Moments`: x_o is the layer's input in the
+original model, x_c its input in the model being compressed (the same vector in *symmetric* mode;
+the already-compressed upstream model's in *asymmetric* mode). The target is always the original
+output y* = W x_o + b; the replacement sees x_c. With means mu and centered covariances
+Sigma_cc = Cov(x_c), Sigma_co = Cov(x_c, x_o) and a free bias b', the problem decouples:
+
+    E||y* - W' x_c - b'||^2 = E||(W* - W')(x_c - mu_c)||^2_Sigma_cc + const,
+    W* = W Sigma_oc Sigma_cc^{-1} (= W in symmetric mode),     b' = b + W mu_o - W' mu_c.
+
+* **Whitened SVD** (SVD / channel decomposition, SVD-LLM style): with the symmetric square root
+  S = Sigma_cc^{1/2} (eigen-sqrt, small relative ridge), the best rank-R W' is
+  U_R s_R V_R^T S^{-1} from the SVD W* S = U s V^T (Eckart-Young in the whitened space). The chain
+  keeps the shapes of ``decompose/svd.py``: first factor P = sqrt(s_R) V_R^T S^{-1} [R, n], second
+  Q = U_R sqrt(s_R) [T, R].
+* **Last-factor refit** (Tucker-2, CP): with the first factor(s) and core fixed, the chain up to the
+  last 1x1 conv is a linear map z = B x (B [R, n]); the last factor U [T, R] and bias minimize
+  E||y* - U B x_c - b'||^2: U = W Sigma_oc B^T (B Sigma_cc B^T)^{-1}.
+* **Core refit** (Tucker-2, before the last factor): with U_in and the last factor fixed, the core
+  is the least-squares solution of the whitened problem in the projected input; see
+  :func:`refit_tucker_core`.
+
+Layers that cannot take a new bias (MatMul, Gemm without a constant C) use uncentered moments and
+b' = b: the same formulas with mu = 0. ``output_error`` evaluates E||y* - W' x_c - b'||^2 from the
+moments exactly, which is how calibration compares data-free and data-aware factors on held-out
+samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+
+#: Ridge added to the eigenvalues of Sigma_cc, relative to their mean: keeps S^{-1} and the least
+#: squares finite when some input directions never vary (dead channels, zero padding).
+RIDGE = 1e-5
+
+
+@dataclass
+class Moments:
+    """Streaming sums of x_c, x_o and their products; memory O(n^2), not O(samples).
+
+    ``paired=False`` (symmetric mode) stores one vector per row: x_c is x_o.
+    """
+
+    n: int
+    paired: bool = False
+    count: int = 0
+    sum_c: np.ndarray = field(init=False)
+    sum_o: np.ndarray | None = field(init=False)
+    cc: np.ndarray = field(init=False)
+    co: np.ndarray | None = field(init=False)
+    oo: np.ndarray | None = field(init=False)
+
+    def __post_init__(self):
+        n = self.n
+        self.sum_c = np.zeros(n)
+        self.cc = np.zeros((n, n))
+        self.sum_o = np.zeros(n) if self.paired else None
+        self.co = np.zeros((n, n)) if self.paired else None
+        self.oo = np.zeros((n, n)) if self.paired else None
+
+    def add(self, x_c: np.ndarray, x_o: np.ndarray | None = None) -> None:
+        """Accumulate rows (m x n); ``x_o`` is required in paired mode and ignored otherwise."""
+        xc = np.asarray(x_c, dtype=np.float64)
+        if xc.shape[0] == 0:
+            return
+        self.count += xc.shape[0]
+        self.sum_c += xc.sum(axis=0)
+        self.cc += xc.T @ xc
+        if self.paired:
+            xo = np.asarray(x_o, dtype=np.float64)
+            self.sum_o += xo.sum(axis=0)
+            self.co += xc.T @ xo
+            self.oo += xo.T @ xo
+
+    def merged(self, other: "Moments") -> "Moments":
+        out = Moments(self.n, self.paired)
+        out.count = self.count + other.count
+        out.sum_c = self.sum_c + other.sum_c
+        out.cc = self.cc + other.cc
+        if self.paired:
+            out.sum_o, out.co, out.oo = self.sum_o + other.sum_o, self.co + other.co, self.oo + other.oo
+        return out
+
+    # --- normalized statistics -------------------------------------------------------------
+
+    def stats(self, centered: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(Sigma_cc, Sigma_co, mu_c, mu_o): covariances when ``centered``, else raw second
+        moments with zero means."""
+        if self.count == 0:
+            raise ValueError("no calibration rows were accumulated")
+        inv = 1.0 / self.count
+        mu_c = self.sum_c * inv
+        cc = self.cc * inv
+        co = (self.co if self.paired else self.cc) * inv
+        mu_o = (self.sum_o if self.paired else self.sum_c) * inv
+        if centered:
+            cc = cc - np.outer(mu_c, mu_c)
+            co = co - np.outer(mu_c, mu_o)
+        else:
+            mu_c, mu_o = np.zeros_like(mu_c), np.zeros_like(mu_o)
+        return (cc + cc.T) / 2, co, mu_c, mu_o
+
+    def augmented(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Uncentered moments of [x; 1]: (E[x~_c x~_c^T], E[x~_c x~_o^T], E[x~_o x~_o^T])."""
+        n, inv = self.n, 1.0 / max(self.count, 1)
+
+        def aug(m, a, b):
+            out = np.empty((n + 1, n + 1))
+            out[:n, :n], out[:n, n], out[n, :n], out[n, n] = m * inv, a * inv, b * inv, 1.0
+            return out
+
+        cc = aug(self.cc, self.sum_c, self.sum_c)
+        if not self.paired:
+            return cc, cc, cc
+        return cc, aug(self.co, self.sum_c, self.sum_o), aug(self.oo, self.sum_o, self.sum_o)
+
+
+def _eig_sqrt(sigma: np.ndarray, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(S, S^{-1}, regularized Sigma) with S = Sigma_reg^{1/2} symmetric."""
+    eigenvalues, vectors = scipy.linalg.eigh(sigma, check_finite=False, driver="evd")
+    eigenvalues = np.clip(eigenvalues, 0.0, None)
+    eigenvalues = eigenvalues + ridge * max(float(eigenvalues.mean()), np.finfo(np.float64).tiny)
+    root = np.sqrt(eigenvalues)
+    s = (vectors * root) @ vectors.T
+    s_inv = (vectors / root) @ vectors.T
+    return s, s_inv, (vectors * eigenvalues) @ vectors.T
+
+
+def _target_map(w: np.ndarray, sigma_cc_reg: np.ndarray, sigma_co: np.ndarray, paired: bool) -> np.ndarray:
+    """W* = W Sigma_oc Sigma_cc^{-1}: the best full-rank map of x_c onto the original output."""
+    if not paired:
+        return w
+    rhs = sigma_co @ w.T  # [n, T]
+    return scipy.linalg.solve(sigma_cc_reg, rhs, assume_a="pos", check_finite=False).T
+
+
+def whitened_svd(
+    w: np.ndarray, b: np.ndarray | None, moments: Moments, rank: int, fit_bias: bool, ridge: float = RIDGE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(P [R, n], Q [T, R], b') minimizing E||W x_o + b - Q P x_c - b'||^2 over rank R.
+
+    ``fit_bias=False``: b' = b (uncentered moments), for layers that cannot take a new bias.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    sigma_cc, sigma_co, mu_c, mu_o = moments.stats(centered=fit_bias)
+    s, s_inv, sigma_reg = _eig_sqrt(sigma_cc, ridge)
+    w_star = _target_map(w, sigma_reg, sigma_co, moments.paired)
+    u, sv, vt = scipy.linalg.svd(w_star @ s, full_matrices=False, check_finite=False, lapack_driver="gesdd")
+    rank = min(rank, sv.size)
+    scale = np.sqrt(np.maximum(sv[:rank], np.finfo(np.float64).tiny))
+    q = u[:, :rank] * scale
+    p = (vt[:rank] * scale[:, None]) @ s_inv
+    return p, q, _new_bias(w, b, q @ p, mu_c, mu_o, fit_bias)
+
+
+def refit_last(
+    w: np.ndarray, b: np.ndarray | None, chain: np.ndarray, moments: Moments, fit_bias: bool, ridge: float = RIDGE
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(U [T, R], b') minimizing E||W x_o + b - U B x_c - b'||^2, with B = ``chain`` [R, n] fixed."""
+    w = np.asarray(w, dtype=np.float64)
+    sigma_cc, sigma_co, mu_c, mu_o = moments.stats(centered=fit_bias)
+    zz = chain @ sigma_cc @ chain.T
+    zy = chain @ sigma_co @ w.T  # [R, T]
+    zz = (zz + zz.T) / 2
+    zz[np.diag_indices_from(zz)] += ridge * max(float(np.trace(zz)) / zz.shape[0], np.finfo(np.float64).tiny)
+    u = scipy.linalg.solve(zz, zy, assume_a="pos", check_finite=False).T
+    return u, _new_bias(w, b, u @ chain, mu_c, mu_o, fit_bias)
+
+
+def refit_tucker_core(
+    w: np.ndarray, u_in: np.ndarray, u_out: np.ndarray, kernel_size: int, moments: Moments, fit_bias: bool,
+    ridge: float = RIDGE,
+) -> np.ndarray:
+    """Core G [R4, R3*k] minimizing E||W* x - U_out G P x||^2 with P = U_in^T (x) I_k fixed and U_out
+    orthonormal: G = U_out^T W* Sigma P^T (P Sigma P^T)^{-1} (W* Sigma = W Sigma_oc)."""
+    w = np.asarray(w, dtype=np.float64)
+    sigma_cc, sigma_co, _, _ = moments.stats(centered=fit_bias)
+    s_in = u_in.shape[0]
+    proj = np.kron(u_in.T, np.eye(kernel_size))  # [R3*k, S*k], patch order (s, k)
+    zz = proj @ sigma_cc @ proj.T
+    zz = (zz + zz.T) / 2
+    zz[np.diag_indices_from(zz)] += ridge * max(float(np.trace(zz)) / zz.shape[0], np.finfo(np.float64).tiny)
+    wy = u_out.T @ w @ sigma_co.T @ proj.T  # [R4, R3*k]
+    assert proj.shape[1] == s_in * kernel_size
+    return scipy.linalg.solve(zz, wy.T, assume_a="pos", check_finite=False).T
+
+
+def _new_bias(w, b, w_new, mu_c, mu_o, fit_bias) -> np.ndarray | None:
+    if not fit_bias:
+        return b
+    base = np.zeros(w.shape[0]) if b is None else np.asarray(b, dtype=np.float64)
+    return base + w @ mu_o - w_new @ mu_c
+
+
+def output_error(
+    w: np.ndarray, b: np.ndarray | None, w_new: np.ndarray, b_new: np.ndarray | None, moments: Moments
+) -> tuple[float, float]:
+    """(E||y* - W' x_c - b'||^2, E||y*||^2) per row, exactly, from the moments."""
+    t = w.shape[0]
+    a = np.concatenate([np.asarray(w, np.float64), _col(b, t)], axis=1)
+    a_new = np.concatenate([np.asarray(w_new, np.float64), _col(b_new, t)], axis=1)
+    cc, co, oo = moments.augmented()
+    ref = float(np.einsum("ij,jk,ik->", a, oo, a))
+    cross = float(np.einsum("ij,jk,ik->", a_new, co, a))
+    new = float(np.einsum("ij,jk,ik->", a_new, cc, a_new))
+    return max(ref - 2 * cross + new, 0.0), ref
+
+
+def _col(b, t) -> np.ndarray:
+    return np.zeros((t, 1)) if b is None else np.asarray(b, dtype=np.float64).reshape(t, 1)
+
+
+def relative_error(w, b, w_new, b_new, moments: Moments) -> float:
+    err, ref = output_error(w, b, w_new, b_new, moments)
+    return float(np.sqrt(err / ref)) if ref > 0 else float(np.sqrt(err))
