@@ -51,7 +51,7 @@ log = logging.getLogger("onnxlr")
 MODES = ("asymmetric", "symmetric")
 POSITIONS_PER_SAMPLE = 64  # conv output positions (or MatMul rows) sampled per sample
 HOLDOUT_EVERY = 5  # every 5th sample is held out to check the refinement
-ASYMMETRIC_STAGES = 6  # passes over the data in asymmetric mode
+ASYMMETRIC_STAGES = 4  # passes over the data in asymmetric mode
 CHUNK = 8  # samples per onnxruntime run when the batch is dynamic
 SEED = 0
 
@@ -335,7 +335,8 @@ class Calibrator:
         finally:
             self.release(target)
         new, new_bias, note = result
-        replacement.notes.append(note)
+        new.notes.append(note)
+        log.info("%s: %s", target.name, note)
         if new is replacement:
             return replacement
         if fit_bias:
@@ -511,18 +512,25 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit, hel
     has_held = all(m.count > 0 for m in held)
     check = held if has_held else fit
     before = error(free_maps, biases, check)
-    maps, new_biases, _ = candidate(fit)
-    after = error(maps, new_biases, check)
+    # Candidates: the fit on the (x_c, x_o) pairs and, in asymmetric mode, the fit on the original
+    # inputs alone (more robust when the pairs are few); the best on held-out rows wins.
+    views = [lambda ms: ms] + ([lambda ms: [m.original_view() for m in ms]] if fit[0].paired else [])
+    scored = []
+    for i, view in enumerate(views):
+        maps, new_biases, _ = candidate(view(fit))
+        scored.append((error(maps, new_biases, check), i))
+    after, best = min(scored)
     where = "held-out" if has_held else "calibration"
     if not after < before:
         return replacement, None, f"calib: data-free factors kept ({where} output error {before:.4g} <= data-aware {after:.4g})"
     merged = [f.merged(h) for f, h in zip(fit, held)] if has_held else fit
-    maps, new_biases, parts = candidate(merged)
+    maps, new_biases, parts = candidate(views[best](merged))
     new = _rebuild(layer, replacement, parts)
     bias_out = None
     if fit_bias:
         bias_out = np.concatenate([np.zeros(t_g) if b is None else b for b in new_biases])
-    return new, bias_out, f"calib: {where} output error {before:.4g} -> {after:.4g}"
+    how = "" if not fit[0].paired else (" (paired fit)" if best == 0 else " (fit on original inputs)")
+    return new, bias_out, f"calib: {where} output error {before:.4g} -> {after:.4g}{how}"
 
 
 def _group_blocks(layer, reconstruction: np.ndarray) -> list[np.ndarray]:

@@ -30,10 +30,12 @@ def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="factorize the heavy layers of an ONNX model")
     p.add_argument("model", help="input .onnx file (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
-    p.add_argument("--method", default="auto", help="auto (default: svd for Gemm/MatMul/1x1 conv, "
-                   "tucker for KxK conv), svd, tucker or cp")
+    from onnxlr.compress import METHODS, CompressConfig
+
+    p.add_argument("--method", default="auto", choices=METHODS, help="auto (the default) is svd for "
+                   "Gemm, MatMul and 1x1 convs and tucker for KxK convs")
     p.add_argument("--rank", default=None, help="N, a fraction F (0.33), energy:E, evbmf or evbmf:W "
-                   "(default: %(default)s -> the library default)")
+                   f"(default: {CompressConfig().rank})")
     p.add_argument("--round-to", type=int, default=None, help="round derived ranks up to a multiple of N")
     p.add_argument("--include", action="append", default=[], metavar="REGEX",
                    help="only layers whose name (or op type) matches; repeatable")
@@ -57,8 +59,24 @@ def _add_compress(sub) -> None:
     p.add_argument("--verify", action="store_true", help="then verify the output against the input "
                    "and benchmark both, and print one summary (exit 1 if verification fails)")
     p.add_argument("--bench-runs", type=int, default=50, help="timed runs per model for --verify (default: 50)")
+    _add_budget_options(p)
     _add_check_options(p)
     p.set_defaults(run=_run_compress)
+
+
+def _add_budget_options(p, goals: bool = True) -> None:
+    """Budgeted allocation (onnxlr.budget): per-layer method and rank chosen to meet one goal."""
+    if goals:
+        p.add_argument("--target-speedup", type=float, default=None, metavar="X",
+                       help="choose per-layer methods/ranks so the model runs X times faster (measured on "
+                            "--provider), with the least damage; overrides --rank")
+        p.add_argument("--target-macs", type=float, default=None, metavar="F",
+                       help="like --target-speedup, for a fraction F of the original MACs")
+        p.add_argument("--max-error", type=float, default=None, metavar="E",
+                       help="the fastest model whose relative output error on --calib data (random inputs "
+                            "without it) is at most E")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="per-layer latency cache (default: $ONNXLR_CACHE_DIR or ~/.cache/onnxlr)")
 
 
 def _compress_config(args):
@@ -76,6 +94,9 @@ def _compress_config(args):
         fields["round_to"] = args.round_to
     if args.calib is not None:
         fields.update(calib=args.calib, calib_samples=args.calib_samples, calib_mode=args.calib_mode)
+    for name in ("target_speedup", "target_macs", "max_error", "cache_dir", "provider"):
+        if getattr(args, name, None) is not None:
+            fields[name] = getattr(args, name)
     return CompressConfig(**fields)
 
 
@@ -244,6 +265,58 @@ def _run_bench(args) -> int:
     return EXIT_OK
 
 
+# --- sweep ----------------------------------------------------------------------------------
+
+
+def _add_sweep(sub) -> None:
+    from onnxlr.compress import METHODS
+    from onnxlr.sweep import DEFAULT_TARGETS, DEFAULT_UNIFORM
+
+    p = sub.add_parser("sweep", help="measure the speed/error frontier of budgeted allocation against uniform ranks")
+    p.add_argument("model", help=".onnx model")
+    p.add_argument("--targets", default=",".join(f"{x:g}" for x in DEFAULT_TARGETS), metavar="X,Y,...",
+                   help="target speedups, one frontier point each (default: %(default)s)")
+    p.add_argument("--uniform", default=",".join(f"{x:g}" for x in DEFAULT_UNIFORM), metavar="F,G,...",
+                   help="uniform rank fractions to compare with, or 'none' (default: %(default)s)")
+    p.add_argument("--calib", metavar="DATA", help="calibration data (.npz keyed by input name, or a folder): "
+                   "data-aware damage and refined factors; without it, weight-error damage")
+    p.add_argument("--calib-samples", type=int, default=None, metavar="N", help="use at most N calibration samples")
+    p.add_argument("--method", default="auto", choices=METHODS, help="restrict KxK convs to one method (default: auto)")
+    p.add_argument("--round-to", type=int, default=None, help="round ranks up to a multiple of N (default: 8)")
+    p.add_argument("--include", action="append", default=[], metavar="REGEX", help="only these layers; repeatable")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="leave these layers; repeatable")
+    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                   help="execution provider to measure on (default: cpu)")
+    _add_budget_options(p, goals=False)
+    p.add_argument("--plot", metavar="FILE.png", help="write the frontier plot")
+    p.add_argument("--json", metavar="FILE", help="write the points as JSON")
+    p.set_defaults(run=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from onnxlr.compress import CompressConfig, write_text_atomic
+    from onnxlr.sweep import parse_floats, sweep
+
+    fields = {"method": args.method, "include": tuple(args.include), "exclude": tuple(args.exclude),
+              "provider": args.provider, "cache_dir": args.cache_dir, "calib": args.calib,
+              "calib_samples": args.calib_samples}
+    if args.round_to is not None:
+        fields["round_to"] = args.round_to
+    targets = parse_floats(args.targets, "--targets")
+    uniform = () if str(args.uniform).strip().lower() == "none" else parse_floats(args.uniform, "--uniform")
+    result = sweep(args.model, targets, uniform=uniform, config=CompressConfig(**fields))
+    print(result.to_table())
+    if args.json:
+        from pathlib import Path
+
+        write_text_atomic(Path(args.json), result.to_json())
+        print(f"wrote {args.json}")
+    if args.plot:
+        result.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return EXIT_OK
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 
@@ -251,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxlr", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_compress, _add_inspect, _add_verify, _add_bench):
+    for add in (_add_compress, _add_inspect, _add_verify, _add_bench, _add_sweep):
         add(sub)
     return parser
 
@@ -260,17 +333,32 @@ class Terminated(BaseException):
     """SIGTERM, turned into an exception so that ``finally`` blocks remove temporary files."""
 
 
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
+def _on_signal(signum, frame) -> None:
+    """SIGTERM -> Terminated, SIGINT -> KeyboardInterrupt; held during the few steps of a save
+    that must not be split (see ``onnxlr.graph.signals_deferred``)."""
+    import signal
+
+    exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    graph = sys.modules.get("onnxlr.graph")
+    if graph is None:
+        raise exc
+    graph.interrupt(exc)
+
+
+def _remove_temp_files() -> None:
+    graph = sys.modules.get("onnxlr.graph")
+    if graph is not None:
+        graph.remove_temp_files()
 
 
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _on_signal)
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(
@@ -282,14 +370,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxlr: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        _remove_temp_files()
         print("onnxlr: interrupted; no partial output is left behind", file=sys.stderr)
         return 130
     except Terminated:
+        _remove_temp_files()
         print("onnxlr: terminated (SIGTERM); no partial output is left behind", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

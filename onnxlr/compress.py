@@ -57,6 +57,12 @@ class CompressConfig:
     calib: str | os.PathLike | None = None
     calib_samples: int | None = None
     calib_mode: str = "asymmetric"
+    # Budgeted allocation (onnxlr.budget): at most one goal; per-layer method/rank chosen to meet it.
+    target_speedup: float | None = None
+    target_macs: float | None = None
+    max_error: float | None = None
+    provider: str = "cpu"  # execution provider the budget's latencies are measured on
+    cache_dir: str | os.PathLike | None = None  # latency cache (default ~/.cache/onnxlr)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -76,6 +82,19 @@ class CompressConfig:
             raise OnnxlrError(f"unknown --calib-mode {self.calib_mode!r}: choose one of asymmetric, symmetric")
         if self.calib_samples is not None and int(self.calib_samples) < 1:
             raise OnnxlrError(f"--calib-samples must be an integer >= 1, got {self.calib_samples}")
+        _check_budget(self)
+
+
+def _check_budget(config: "CompressConfig") -> None:
+    goals = [n for n in ("target_speedup", "target_macs", "max_error") if getattr(config, n) is not None]
+    if len(goals) > 1:
+        raise OnnxlrError(f"give one budget goal, not {' and '.join('--' + n.replace('_', '-') for n in goals)}")
+    if config.target_speedup is not None and not float(config.target_speedup) > 1:
+        raise OnnxlrError(f"--target-speedup must be a number > 1, got {config.target_speedup}")
+    if config.target_macs is not None and not 0 < float(config.target_macs) < 1:
+        raise OnnxlrError(f"--target-macs must be a fraction in (0, 1), got {config.target_macs}")
+    if config.max_error is not None and not float(config.max_error) > 0:
+        raise OnnxlrError(f"--max-error must be a number > 0, got {config.max_error}")
 
 
 def _compile(pattern: str, where: str = "pattern") -> re.Pattern:
@@ -114,6 +133,13 @@ def _compress_model(work: onnx.ModelProto, config: CompressConfig, *, check_outp
     shapes = g.infer_shapes(work)
     targets = find_targets(work, shapes)
     _apply_filters(targets, config, report)
+    runs_model = config.calib is not None or config.target_speedup is not None or config.target_macs is not None
+    if g.has_lazy_tensors(work) and (runs_model or config.max_error is not None):
+        g.materialize_external(work)  # calibration and budgets run the model in memory
+    if config.target_speedup is not None or config.target_macs is not None or config.max_error is not None:
+        from onnxlr.budget import apply_budget  # measures candidates, pins per-layer rules
+
+        config = apply_budget(work, targets, config, report)
     names = g.NameScope(g.all_names(work))
     opset = default_opset(work)
     todo = [t for t in targets if t.skip is None]
@@ -274,7 +300,9 @@ def _factorize_one(target: Target, config: CompressConfig, names: g.NameScope, o
     params_after = sum(int(step.weight.size) for step in replacement.steps)
     macs_before, macs_after = layer_macs(target, replacement)
     nominal_before, nominal_after = layer_macs(target, replacement, nominal=True)
-    error = float(np.linalg.norm(replacement.reconstruction - original) / max(np.linalg.norm(original), 1e-30))
+    error = replacement.weight_rel_error
+    if error is None:
+        error = float(np.linalg.norm(replacement.reconstruction - original) / max(np.linalg.norm(original), 1e-30))
     report = LayerReport(
         name=target.name,
         op_type=target.op_type,
@@ -375,7 +403,11 @@ def compress_file(
     report_path: str | os.PathLike | None = None,
     **options,
 ):
-    """compress() from a file to a file; the input is never modified, the output is atomic."""
+    """compress() from a file to a file; the input is never modified, the output is atomic.
+
+    An input with external data gives an output with external data (``<output>.data``) unless
+    ``external_data=False``; the returned model's tensors then point at that file.
+    """
     config = replace(config, **options) if config is not None else CompressConfig(**options)
     input_path, output_path = Path(input_path), Path(output_path)
     _check_output_path(input_path, output_path, overwrite)

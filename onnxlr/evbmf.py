@@ -71,6 +71,8 @@ import numpy as np
 import scipy.linalg
 import scipy.optimize
 
+from onnxlr.decompose.linalg import gram
+
 __all__ = [
     "EvbmfEstimate",
     "evbmf_rank",
@@ -82,7 +84,6 @@ __all__ = [
 ]
 
 _GRID_POINTS = 256
-_GRAM_BLOCK_COLUMNS = 8192
 
 
 @dataclass(frozen=True)
@@ -113,12 +114,7 @@ def singular_values(matrix: np.ndarray) -> np.ndarray:
         raise ValueError("singular_values needs a finite matrix (found NaN or inf)")
     if a.shape[0] > a.shape[1]:
         a = a.T
-    rows, cols = a.shape
-    gram = np.zeros((rows, rows), dtype=np.float64)
-    for start in range(0, cols, _GRAM_BLOCK_COLUMNS):
-        block = np.asarray(a[:, start : start + _GRAM_BLOCK_COLUMNS], dtype=np.float64)
-        gram += block @ block.T
-    eig = scipy.linalg.eigvalsh(gram, overwrite_a=True, check_finite=False)
+    eig = scipy.linalg.eigvalsh(gram(a, np.float64), overwrite_a=True, check_finite=False)
     return np.sqrt(np.clip(eig[::-1], 0.0, None))
 
 

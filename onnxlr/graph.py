@@ -9,13 +9,14 @@ strings, value_info, initializers listed as inputs (IR < 4), and subgraphs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -63,7 +64,7 @@ def load_model(
         raise OnnxlrError(f"{path}: the file is empty; re-export the model")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError ...
+    except Exception as exc:  # noqa: BLE001 -- protobuf raises DecodeError, RuntimeWarning, ValueError ...
         raise OnnxlrError(
             f"{path}: not a readable ONNX model ({type(exc).__name__}); the file is corrupt, "
             "truncated or not ONNX: re-export it"
@@ -84,7 +85,7 @@ def load_model(
         return model
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- OSError, ValueError, onnx's own checks
         raise OnnxlrError(f"{path}: cannot read the model's external data: {exc}") from None
     return model
 
@@ -187,7 +188,7 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
     count = int(np.prod(tensor.dims)) if tensor.dims else 1
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except Exception:
+    except Exception:  # noqa: BLE001 -- an unknown dtype: count bytes
         itemsize = 1
     return count * itemsize
 
@@ -210,7 +211,7 @@ def check_model(model: onnx.ModelProto | str, where: str = "model") -> None:
 _OPSET_PROBE = 10_000
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def runtime_max_opset() -> int:
     """The newest default-domain opset the installed onnxruntime accepts (probed once).
 
@@ -311,7 +312,7 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Static shapes of every tensor we can infer: name -> dims (None where unknown)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=False, data_prop=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- shapes are a nicety: without them MACs are unknown
         return {}
     shapes: dict[str, list[int | None]] = {}
     for graph in iter_graphs(inferred.graph):
@@ -372,9 +373,13 @@ def constants_in(graph: onnx.GraphProto) -> dict[str, ConstantSource]:
         for init in graph.initializer
     }
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
-            if node.attribute[0].name == "value":
-                found[node.output[0]] = ConstantSource(graph, constant_node=node)
+        if (
+            node.op_type == "Constant"
+            and node.domain in ("", "ai.onnx")
+            and len(node.attribute) == 1
+            and node.attribute[0].name == "value"
+        ):
+            found[node.output[0]] = ConstantSource(graph, constant_node=node)
     return found
 
 
@@ -624,7 +629,7 @@ def save_model_atomic(
     if path.is_dir():
         raise OnnxlrError(f"cannot write {path}: it is a directory; give a file name ending in .onnx")
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        external_data = has_lazy_tensors(model) or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
     data_path = directory / data_name
     if external_data and any(_same_path(data_path, p) for p in protected):
@@ -635,10 +640,10 @@ def save_model_atomic(
 
     if not external_data and has_lazy_tensors(model):
         materialize_external(model)
-    tmp_model = _temp_path(directory, path.name)
-    tmp_data = None
-    placed_data = False  # the new data file is in place but its model is not yet
+    tmp_model = tmp_data = None
+    placed_data = False  # the new data file is (maybe) in place but its model is not yet
     try:
+        tmp_model = _temp_path(directory, path.name)
         if external_data:
             tmp_data = _temp_path(directory, data_name)
             _write_external_data(model, tmp_data, data_name)
@@ -649,21 +654,71 @@ def save_model_atomic(
         if tmp_data is not None:
             if path.exists():
                 path.unlink()  # never leave an old model next to new data
-            os.replace(tmp_data, data_path)
-            tmp_data, placed_data = None, True
-        os.replace(tmp_model, path)
-        placed_data = False
+            with signals_deferred():
+                placed_data = True
+                os.replace(tmp_data, data_path)
+                _forget_temp(tmp_data)
+                tmp_data = None
+        with signals_deferred():  # the model in place and the flag cleared, or neither
+            os.replace(tmp_model, path)
+            _forget_temp(tmp_model)
+            tmp_model, placed_data = None, False
         _fsync_dir(directory)
     except BaseException as exc:
         for leftover in (tmp_model, tmp_data, data_path if placed_data else None):
-            if leftover is not None and leftover.exists():
-                leftover.unlink()
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
+                _forget_temp(leftover)
         if isinstance(exc, OSError):
             raise OnnxlrError(
                 f"cannot write {path}: {exc.strerror or exc}; free some space or choose another output path"
             ) from None
         raise
     return path
+
+
+# --- interruptions --------------------------------------------------------------------------
+# A signal handler (the CLI's, for SIGTERM and SIGINT) calls ``interrupt``: outside a critical
+# section it raises at once; inside one it is held until the section ends. Critical sections are
+# the few steps that must not be split: creating a temp file and recording it, renaming a file
+# into place and recording that. ``remove_temp_files`` deletes what an interruption left behind.
+
+_critical_depth = 0
+_pending: list[BaseException] = []
+_live_temps: set[Path] = set()
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    global _critical_depth
+    _critical_depth += 1
+    try:
+        yield
+    finally:
+        _critical_depth -= 1
+        if _critical_depth == 0 and _pending:
+            exc = _pending.pop()
+            _pending.clear()
+            raise exc
+
+
+def interrupt(exc: BaseException) -> None:
+    """Raise ``exc`` now, or at the end of the current critical section."""
+    if _critical_depth:
+        _pending.append(exc)
+        return
+    raise exc
+
+
+def remove_temp_files() -> None:
+    """Delete every temp file this process created and has not renamed or deleted yet."""
+    for tmp in list(_live_temps):
+        tmp.unlink(missing_ok=True)
+        _live_temps.discard(tmp)
+
+
+def _forget_temp(tmp: Path) -> None:
+    _live_temps.discard(tmp)
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -679,7 +734,10 @@ def check_writable(path: str | os.PathLike) -> None:
         raise OnnxlrError(f"cannot write {path}: directory {directory} does not exist; create it first")
     if path.is_dir():
         raise OnnxlrError(f"cannot write {path}: it is a directory; give a file name")
-    _temp_path(directory, path.name).unlink()
+    with signals_deferred():
+        probe = _temp_path(directory, path.name)
+        probe.unlink()
+        _forget_temp(probe)
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -691,13 +749,15 @@ def _same_path(a: Path, b: Path) -> bool:
 
 def _temp_path(directory: Path, name: str) -> Path:
     """An empty temporary file in ``directory`` with the permissions a new file would get."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise OnnxlrError(
-            f"cannot write {directory / name}: directory {directory} is not writable "
-            f"({exc.strerror or exc}); choose another output path"
-        ) from None
+    with signals_deferred():  # created and recorded, or neither
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+        except OSError as exc:
+            raise OnnxlrError(
+                f"cannot write {directory / name}: directory {directory} is not writable "
+                f"({exc.strerror or exc}); choose another output path"
+            ) from None
+        _live_temps.add(Path(tmp))
     try:
         os.fchmod(fd, 0o666 & ~_umask())
     finally:

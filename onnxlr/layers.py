@@ -88,8 +88,11 @@ class Replacement:
     method: str
     steps: list
     ranks: dict[str, int]
-    reconstruction: np.ndarray  # the low-rank weight, same layout as the original
+    # The low-rank weight in the original layout; None for matrices too big to materialize twice
+    # (then weight_rel_error comes from the discarded singular values).
+    reconstruction: np.ndarray | None
     notes: list[str] = field(default_factory=list)
+    weight_rel_error: float | None = None
 
 
 # --- MAC counting ---------------------------------------------------------------------------

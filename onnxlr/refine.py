@@ -92,6 +92,12 @@ class Moments:
             out.sum_o, out.co, out.oo = self.sum_o + other.sum_o, self.co + other.co, self.oo + other.oo
         return out
 
+    def original_view(self) -> "Moments":
+        """The unpaired moments of x_o alone (a symmetric fit inside asymmetric calibration)."""
+        out = Moments(self.n, False)
+        out.count, out.sum_c, out.cc = self.count, self.sum_o, self.oo
+        return out
+
     # --- normalized statistics -------------------------------------------------------------
 
     def stats(self, centered: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -126,23 +132,12 @@ class Moments:
         return cc, aug(self.co, self.sum_c, self.sum_o), aug(self.oo, self.sum_o, self.sum_o)
 
 
-def _eig_sqrt(sigma: np.ndarray, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(S, S^{-1}, regularized Sigma) with S = Sigma_reg^{1/2} symmetric."""
+def _eig(sigma: np.ndarray, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues + ridge, eigenvectors V) of a symmetric PSD matrix: Sigma_reg = V diag(l) V^T."""
     eigenvalues, vectors = scipy.linalg.eigh(sigma, check_finite=False, driver="evd")
     eigenvalues = np.clip(eigenvalues, 0.0, None)
     eigenvalues = eigenvalues + ridge * max(float(eigenvalues.mean()), np.finfo(np.float64).tiny)
-    root = np.sqrt(eigenvalues)
-    s = (vectors * root) @ vectors.T
-    s_inv = (vectors / root) @ vectors.T
-    return s, s_inv, (vectors * eigenvalues) @ vectors.T
-
-
-def _target_map(w: np.ndarray, sigma_cc_reg: np.ndarray, sigma_co: np.ndarray, paired: bool) -> np.ndarray:
-    """W* = W Sigma_oc Sigma_cc^{-1}: the best full-rank map of x_c onto the original output."""
-    if not paired:
-        return w
-    rhs = sigma_co @ w.T  # [n, T]
-    return scipy.linalg.solve(sigma_cc_reg, rhs, assume_a="pos", check_finite=False).T
+    return eigenvalues, vectors
 
 
 def whitened_svd(
@@ -151,16 +146,24 @@ def whitened_svd(
     """(P [R, n], Q [T, R], b') minimizing E||W x_o + b - Q P x_c - b'||^2 over rank R.
 
     ``fit_bias=False``: b' = b (uncentered moments), for layers that cannot take a new bias.
+    With Sigma_cc = V diag(l) V^T and S = V diag(sqrt l) V^T, the SVD of W* S equals that of
+    A = (W* V) diag(sqrt l) up to the orthogonal V^T on the right, so S is never formed:
+    A = U s Z^T gives Q = U_R sqrt(s_R) and P = sqrt(s_R) Z_R^T diag(1/sqrt l) V^T.
     """
     w = np.asarray(w, dtype=np.float64)
     sigma_cc, sigma_co, mu_c, mu_o = moments.stats(centered=fit_bias)
-    s, s_inv, sigma_reg = _eig_sqrt(sigma_cc, ridge)
-    w_star = _target_map(w, sigma_reg, sigma_co, moments.paired)
-    u, sv, vt = scipy.linalg.svd(w_star @ s, full_matrices=False, check_finite=False, lapack_driver="gesdd")
+    eigenvalues, v = _eig(sigma_cc, ridge)
+    root = np.sqrt(eigenvalues)
+    if moments.paired:  # W*^T = Sigma_cc^{-1} Sigma_co W^T
+        w_star = (v @ ((v.T @ (sigma_co @ w.T)) / eigenvalues[:, None])).T
+    else:
+        w_star = w
+    a = (w_star @ v) * root
+    u, sv, zt = scipy.linalg.svd(a, full_matrices=False, check_finite=False, lapack_driver="gesdd")
     rank = min(rank, sv.size)
     scale = np.sqrt(np.maximum(sv[:rank], np.finfo(np.float64).tiny))
     q = u[:, :rank] * scale
-    p = (vt[:rank] * scale[:, None]) @ s_inv
+    p = ((zt[:rank] * scale[:, None]) / root) @ v.T
     return p, q, _new_bias(w, b, q @ p, mu_c, mu_o, fit_bias)
 
 
@@ -211,9 +214,9 @@ def output_error(
     a = np.concatenate([np.asarray(w, np.float64), _col(b, t)], axis=1)
     a_new = np.concatenate([np.asarray(w_new, np.float64), _col(b_new, t)], axis=1)
     cc, co, oo = moments.augmented()
-    ref = float(np.einsum("ij,jk,ik->", a, oo, a))
-    cross = float(np.einsum("ij,jk,ik->", a_new, co, a))
-    new = float(np.einsum("ij,jk,ik->", a_new, cc, a_new))
+    ref = float(np.sum((a @ oo) * a))
+    cross = float(np.sum((a_new @ co) * a))
+    new = float(np.sum((a_new @ cc) * a_new))
     return max(ref - 2 * cross + new, 0.0), ref
 
 

@@ -171,7 +171,7 @@ def graphs(draw):
     return model, shape
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(graphs())
 def test_random_graph_compresses_or_skips_cleanly(tmp_path_factory, case):
     model, shape = case

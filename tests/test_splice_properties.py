@@ -33,11 +33,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import onnxlr
+from onnxlr.decompose.cp import reconstruct as cp_reconstruct
 
 _compress_module = importlib.import_module("onnxlr.compress")  # onnxlr.compress is the function
 _real_decompose = _compress_module.decompose
 
 SPLICE_TOL = 1e-5
+# CP terms may cancel (over-complete fits); the fp32 error then grows with the cancellation factor
+# (see cp_cancellation). Up to this factor, SPLICE_TOL applies unchanged.
+CP_CANCELLATION_SLACK = 10.0
 PROPERTY = settings(
     deadline=None,
     derandomize=True,  # same cases on every run: CI is stable
@@ -77,12 +81,37 @@ def compress_one(model: onnx.ModelProto, method: str, rank: int):
     return compressed, layer, replacement
 
 
-def assert_splice_identity(original, compressed, reference_weight, feeds):
+def assert_splice_identity(original, compressed, reference_weight, feeds, tol=SPLICE_TOL):
     reference = with_initializer(original, "W", reference_weight)
     (expected,) = run_ort(reference, feeds)
     (actual,) = run_ort(compressed, feeds)
     error = rel_error(actual, expected)
-    assert error <= SPLICE_TOL, f"compressed vs reconstructed-weight model: rel error {error:.3g}"
+    assert error <= tol, f"compressed vs reconstructed-weight model: rel error {error:.3g} > {tol:.3g}"
+
+
+def cp_cancellation(replacement, group: int) -> float:
+    """||sum_r |term_r||| / ||sum_r term_r|| of a CP chain's rank-1 terms, worst group.
+
+    The chain adds R rank-1 terms in fp32, so its rounding error scales with the terms' own size;
+    when an over-complete CP fit has terms that cancel, that exceeds the weight's size by this
+    factor (1 when no term cancels another). SVD and Tucker chains use orthonormal bases: no factor.
+    """
+    first, *taps, last = [step.weight for step in replacement.steps]
+    r = replacement.ranks["rank"]
+    worst = 1.0
+    t_g = last.shape[0] // group
+    for g in range(group):
+        rows = slice(g * r, (g + 1) * r)
+        factors = [last[g * t_g : (g + 1) * t_g].reshape(t_g, r), first[rows].reshape(r, -1).T]
+        factors += [tap[rows].reshape(r, -1).T for tap in taps]
+        signed = cp_reconstruct(factors)
+        # The terms read back from the chain are those of the reconstruction (kernel-1 axes are
+        # folded into the first conv, so compare without them).
+        expected = replacement.reconstruction[g * t_g : (g + 1) * t_g].reshape(signed.shape)
+        np.testing.assert_allclose(signed, expected, rtol=0, atol=1e-9 * max(np.abs(expected).max(), 1.0))
+        magnitude = np.linalg.norm(cp_reconstruct([np.abs(f) for f in factors]))
+        worst = max(worst, magnitude / max(np.linalg.norm(signed), 1e-30))
+    return worst
 
 
 # --- Conv -------------------------------------------------------------------------------------
@@ -163,7 +192,10 @@ def test_conv_splice_identity(case):
 
     assert replacement.reconstruction.shape == tuple(model.graph.initializer[0].dims)
     # rel_error also checks that both outputs have the same shape.
-    assert_splice_identity(model, compressed, replacement.reconstruction, random_feeds(model, seed=info["seed"]))
+    tol = SPLICE_TOL
+    if resolved == "cp":  # measured: error <= 1.4e-7 * cancellation; allow 1e-6 * cancellation
+        tol *= max(1.0, cp_cancellation(replacement, info["group"]) / CP_CANCELLATION_SLACK)
+    assert_splice_identity(model, compressed, replacement.reconstruction, random_feeds(model, seed=info["seed"]), tol)
 
 
 # --- Gemm -------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Math: W[t, s, k_1..k_d] ~= sum_r A_out[t, r] A_in[s, r] A_1[k_1, r] ... A_d[k_d,
 Fitting ALS on a 512x512x3x3 kernel directly costs seconds per sweep, so the channel modes are
 first compressed with the Tucker-2 bases (CANDELINC): W ~= G x_0 U_out x_1 U_in with G of size
 min(T, R) x min(S, R) x k. A rank-R CP tensor has mode ranks <= R, so this loses nothing the CP
-model could use when W has CP rank R. ALS (tensorly's parafac) runs on the small core and the
+model could use when W has CP rank R. ALS runs on the small core and the
 channel factors are lifted back: A_out = U_out B_out, A_in = U_in B_in. ALS starts from the GEVD
 (Jennrich) solution when the core is R x R x k and that fits it (exact for an exact rank-R kernel,
 where the SVD start can stall in an ALS swamp), else from the SVD start. Column norms
@@ -20,7 +20,6 @@ Grouped convs use R terms per group and keep the group structure in every conv o
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import numpy as np
@@ -39,39 +38,67 @@ ALS_TOL = 1e-9
 GEVD_MAX_INIT_ERROR = 1e-2
 
 
-def cp_factors(weight: np.ndarray, rank: int, seed: int = 0) -> list[np.ndarray]:
-    """Factor matrices [A_out, A_in, A_1, ..., A_d], each (mode size x rank), balanced norms."""
-    import tensorly as tl
-    from tensorly.decomposition import parafac
+def cp_factors(weight: np.ndarray, rank: int, seed: int = 0, bases=None) -> list[np.ndarray]:
+    """Factor matrices [A_out, A_in, A_1, ..., A_d], each (mode size x rank), balanced norms.
 
+    ``bases``: the (output, input) channel bases from ``left_singular``, when the caller has them.
+    """
     w = np.asarray(weight, dtype=np.float64)
-    _, basis_out = left_singular(unfold(w, 0))
-    _, basis_in = left_singular(unfold(w, 1))
-    u_out = basis_out[:, : min(rank, w.shape[0])]
-    u_in = basis_in[:, : min(rank, w.shape[1])]
+    if bases is None:
+        bases = left_singular(unfold(w, 0))[1], left_singular(unfold(w, 1))[1]
+    u_out = bases[0][:, : min(rank, w.shape[0])]
+    u_in = bases[1][:, : min(rank, w.shape[1])]
     core = project(w, u_out, u_in)
-    init = gevd_init(core, rank, seed)
-    if init is None:
-        init = "svd" if rank <= min(core.shape) else "random"
-    tl.set_backend("numpy")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tensorly warns when rank exceeds a mode size
-        cp = parafac(
-            core,
-            rank=rank,
-            init=init,
-            n_iter_max=ALS_MAX_ITER,
-            tol=ALS_TOL,
-            random_state=seed,
-            normalize_factors=False,
-            linesearch=True,
-        )
-    weights, factors = cp
-    factors = [np.asarray(f, dtype=np.float64) for f in factors]
-    factors[0] = factors[0] * np.asarray(weights)[None, :]
+    start = gevd_init(core, rank, seed)
+    factors = als(core, rank, start[1] if start is not None else svd_init(core, rank, seed))
     factors[0] = u_out @ factors[0]
     factors[1] = u_in @ factors[1]
     return balance(factors)
+
+
+def svd_init(tensor: np.ndarray, rank: int, seed: int = 0) -> list[np.ndarray]:
+    """Leading left singular vectors of each unfolding; random columns where a mode is too small."""
+    rng = np.random.default_rng(seed)
+    factors = []
+    for mode, size in enumerate(tensor.shape):
+        basis = left_singular(unfold(tensor, mode))[1][:, :rank]
+        if basis.shape[1] < rank:
+            basis = np.hstack([basis, rng.standard_normal((size, rank - basis.shape[1]))])
+        factors.append(basis)
+    return factors
+
+
+def als(tensor: np.ndarray, rank: int, factors: list[np.ndarray], max_iter: int = ALS_MAX_ITER,
+        tol: float = ALS_TOL) -> list[np.ndarray]:
+    """Alternating least squares for a CP model of ``tensor``, from the given start.
+
+    Each sweep solves every factor in closed form: A_n = X_(n) KR(others) (Hadamard of the others'
+    Gram matrices)^+. The MTTKRP is one einsum per mode. (tensorly's parafac does the same, but
+    its generic Khatri-Rao product took ~0.2 s per call on a 128x128x3x3 core here: minutes per
+    layer, against seconds for this.)
+    """
+    factors = [np.array(f, dtype=np.float64) for f in factors]
+    order = tensor.ndim
+    letters = "abcdefgh"[:order]
+    norm_x = np.linalg.norm(tensor)
+    previous = np.inf
+    for _ in range(max_iter):
+        for n in range(order):
+            others = [m for m in range(order) if m != n]
+            spec = letters + "," + ",".join(f"{letters[m]}r" for m in others) + f"->{letters[n]}r"
+            mttkrp = np.einsum(spec, tensor, *(factors[m] for m in others), optimize=True)
+            gram = np.ones((rank, rank))
+            for m in others:
+                gram *= factors[m].T @ factors[m]
+            factors[n] = np.linalg.lstsq(gram, mttkrp.T, rcond=None)[0].T
+        # ||X - Xhat||^2 = ||X||^2 - 2 <X, Xhat> + ||Xhat||^2, from the last mode's quantities
+        inner = np.sum(mttkrp * factors[n])
+        model_norm2 = np.sum(gram * (factors[n].T @ factors[n]))
+        error = np.sqrt(max(norm_x**2 - 2 * inner + model_norm2, 0.0)) / max(norm_x, 1e-300)
+        if abs(previous - error) < tol or error < tol:
+            break
+        previous = error
+    return factors
 
 
 def gevd_init(core: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]] | None:
@@ -129,17 +156,21 @@ def balance(factors: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def reconstruct(factors: list[np.ndarray]) -> np.ndarray:
-    letters = "abcdefgh"[: len(factors)]
-    spec = ",".join(f"{c}r" for c in letters) + "->" + letters
-    return np.einsum(spec, *factors)
+    """The full tensor: A_0 times the Khatri-Rao product of the other factors."""
+    rank = factors[0].shape[1]
+    khatri_rao = factors[1]
+    for f in factors[2:]:
+        khatri_rao = np.einsum("ir,jr->ijr", khatri_rao, f).reshape(-1, rank)
+    return (factors[0] @ khatri_rao.T).reshape([f.shape[0] for f in factors])
 
 
 def cp_chain(layer: ConvLayer, choose: CpRankChooser) -> Replacement:
     groups = [np.asarray(w, dtype=np.float64) for w in layer.group_weights()]
     t_g, s_g = groups[0].shape[:2]
-    spectra = [(left_singular(unfold(w, 0))[0], left_singular(unfold(w, 1))[0]) for w in groups]
+    decompositions = [(left_singular(unfold(w, 0)), left_singular(unfold(w, 1))) for w in groups]
+    spectra = [(out[0], inp[0]) for out, inp in decompositions]
     rank = choose([s[0] for s in spectra], [s[1] for s in spectra], t_g, s_g, layer.kernel)
-    per_group = [cp_factors(w, rank) for w in groups]
+    per_group = [cp_factors(w, rank, bases=(out[1], inp[1])) for w, (out, inp) in zip(groups, decompositions)]
 
     d = layer.spatial_rank
     g = layer.group

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from onnxlr.decompose.linalg import left_singular
+from onnxlr.decompose.linalg import left_singular, working_dtype
 from onnxlr.layers import ConvLayer, ConvStep, LinearLayer, LinearStep, Replacement
 
 RankChooser = Callable[[list[np.ndarray], int], int]  # (spectra per group, full rank) -> rank
@@ -34,9 +34,11 @@ def spectrum_and_factor(matrix: np.ndarray) -> tuple[np.ndarray, Callable[[int],
     work = matrix.T if transposed else matrix  # work is the wide orientation: rows <= cols
     singular_values, basis = left_singular(work)
 
+    dtype = working_dtype(work.shape[0])
+
     def factor(rank: int) -> tuple[np.ndarray, np.ndarray]:
         left = basis[:, :rank]
-        right = left.T @ np.asarray(work, dtype=np.float64)  # rank x cols, row norms = sigma
+        right = left.T.astype(dtype) @ np.asarray(work, dtype=dtype)  # rank x cols, row norms = sigma
         scale = np.sqrt(np.maximum(singular_values[:rank], np.finfo(np.float64).tiny))
         usable = singular_values[:rank] > singular_values[0] * 1e-12 if singular_values.size else []
         scale = np.where(usable, scale, 1.0)
@@ -57,14 +59,28 @@ def truncated(matrix: np.ndarray, choose: RankChooser) -> tuple[np.ndarray, np.n
     return first, second, singular_values
 
 
+# Above this many weight entries the reconstruction is not materialized (a 25088 x 4096 FC
+# would need another 800 MB); its error is exact from the spectrum anyway.
+MAX_RECONSTRUCTION_SIZE = 1 << 24
+
+
+def discarded_energy_error(singular_values: np.ndarray, rank: int) -> float:
+    """||W - W_R|| / ||W|| of the best rank-R approximation, from the singular values."""
+    power = singular_values.astype(np.float64) ** 2
+    total = power.sum()
+    return float(np.sqrt(power[rank:].sum() / total)) if total > 0 else 0.0
+
+
 def linear_chain(layer: LinearLayer, choose: RankChooser) -> Replacement:
-    first, second, _ = truncated(layer.weight, choose)
+    first, second, singular_values = truncated(layer.weight, choose)
     rank = first.shape[1]
+    small = layer.weight.size <= MAX_RECONSTRUCTION_SIZE
     return Replacement(
         method="svd",
         steps=[LinearStep(first), LinearStep(second)],
         ranks={"rank": rank},
-        reconstruction=first @ second,
+        reconstruction=first.astype(np.float64) @ second.astype(np.float64) if small else None,
+        weight_rel_error=discarded_energy_error(singular_values, rank),
     )
 
 

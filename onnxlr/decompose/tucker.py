@@ -47,9 +47,9 @@ def hooi(weight: np.ndarray, u_out: np.ndarray, u_in: np.ndarray, sweeps: int = 
     if r4 == w.shape[0] and r3 == w.shape[1]:
         return u_out, u_in  # complete bases: nothing to refine
     for _ in range(sweeps):
-        partial_in = np.einsum("ts...,sq->tq...", w, u_in)
+        partial_in = np.einsum("ts...,sq->tq...", w, u_in, optimize=True)
         u_out = left_singular(unfold(partial_in, 0))[1][:, :r4]
-        partial_out = np.einsum("ts...,tr->rs...", w, u_out)
+        partial_out = np.einsum("ts...,tr->rs...", w, u_out, optimize=True)
         u_in = left_singular(unfold(partial_out, 1))[1][:, :r3]
     return u_out, u_in
 
@@ -67,7 +67,7 @@ def tucker2_chain(layer: ConvLayer, choose: TuckerRankChooser) -> Replacement:
         firsts.append(u_in.T)  # [R3, S_g]
         cores.append(core)  # [R4, R3, *k]
         lasts.append(u_out)  # [T_g, R4]
-        reconstructions.append(np.einsum("rq...,tr,sq->ts...", core, u_out, u_in))
+        reconstructions.append(np.einsum("rq...,tr,sq->ts...", core, u_out, u_in, optimize=True))
 
     ones = (1,) * layer.spatial_rank
     first_w = np.concatenate(firsts, axis=0).reshape(layer.group * r3, s_g, *ones)

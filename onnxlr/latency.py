@@ -1,0 +1,194 @@
+"""Per-layer latency microbenchmarks, cached on disk.
+
+The cost of a candidate replacement is what it takes on the execution provider, not its MAC count
+(measured here: channel counts off a multiple of 8 leave onnxruntime's blocked conv kernels, and a
+small Gemm beats its MAC ratio). For one layer, :func:`time_layer` builds one-node models::
+
+    X[real input shape, batch 1] -> original layer -> Y           (the reference)
+    X -> chain step 1 -> ... -> chain step k -> Y                (one model per candidate)
+
+with the layer's real input shape (read from an onnxruntime run of the whole model, so dynamic
+dims such as a sequence length take their real value), and times them *interleaved* with the
+project's bench machinery (``bench._interleaved``: sessions with spinning off, order flipped every
+round). Each model's latency is its median over the rounds; a candidate's saving is
+``t_original - t_candidate``.
+
+Cache: a JSON file (``<cache_dir>/latency.json``, default ``~/.cache/onnxlr``; ``ONNXLR_CACHE_DIR``
+overrides) maps a key to milliseconds. The key hashes the provider, the onnxruntime version, the
+thread count and the one-node model's *structure* (input shape, op types, attributes, weight
+shapes; not the weight values, which do not change the time), so a layer measured once is reused
+by every target of a sweep, every run, and every model with the same layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxlr import runtime
+from onnxlr.layers import Replacement
+from onnxlr.targets import Target
+
+log = logging.getLogger("onnxlr")
+
+#: Seconds of timed rounds per layer (all its candidates together); bounds on the round count.
+LAYER_BUDGET_S = 0.4
+MIN_RUNS, MAX_RUNS = 15, 300
+WARMUP = 5
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ONNXLR_CACHE_DIR") or Path.home() / ".cache" / "onnxlr")
+
+
+class LatencyCache:
+    """A JSON dict key -> ms, loaded once and written back atomically by :meth:`save`."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None, enabled: bool = True):
+        self.path = Path(cache_dir or default_cache_dir()) / "latency.json"
+        self.enabled = enabled
+        self.data: dict[str, float] = {}
+        self.hits = self.misses = 0
+        if enabled and self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                log.warning("latency cache %s unreadable: starting a new one", self.path)
+
+    def get(self, key: str) -> float | None:
+        value = self.data.get(key) if self.enabled else None
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def put(self, key: str, ms: float) -> None:
+        self.data[key] = float(ms)
+
+    def save(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=0, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot write the latency cache %s: %s", self.path, exc)
+
+
+def structure_key(model: onnx.ModelProto, provider: str, threads: int) -> str:
+    """Hash of everything that sets a one-node model's speed, and nothing else."""
+    import onnxruntime as ort
+
+    g = model.graph
+    parts = [provider, ort.__version__, str(threads)]
+    for vi in g.input:
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        parts.append(f"in:{vi.type.tensor_type.elem_type}:{dims}")
+    for t in g.initializer:
+        parts.append(f"w:{t.name}:{t.data_type}:{list(t.dims)}")
+    for n in g.node:
+        attrs = sorted((a.name, str(helper.get_attribute_value(a))) for a in n.attribute)
+        parts.append(f"n:{n.op_type}:{list(n.input)}:{list(n.output)}:{attrs}")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()
+
+
+def one_node_model(target: Target, input_shape: Sequence[int], shapes: dict, opset: int,
+                   ir_version: int) -> onnx.ModelProto:
+    """The original layer alone at ``input_shape``; other inputs become random initializers of
+    their inferred shapes (values do not change the time)."""
+    node = onnx.NodeProto()
+    node.CopyFrom(target.node)
+    rng = np.random.default_rng(0)
+    dtype = target.weight_dtype
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    inits = []
+    for i, name in enumerate(node.input[1:], start=1):
+        if not name:
+            continue
+        shape = shapes.get(name)
+        if i == 1:
+            shape = list(target.weight_shape)
+        if shape is None or any(d is None for d in shape):
+            out = target.weight_shape[0] if target.op_type == "Conv" else target.weight_shape[-1]
+            shape = [out]
+        inits.append(_random_tensor(name, shape, np_dtype, rng))
+    x = helper.make_tensor_value_info(node.input[0], dtype, list(input_shape))
+    rank = 2 if target.op_type == "Gemm" else len(input_shape)
+    y = helper.make_tensor_value_info(node.output[0], dtype, [None] * rank)
+    graph = helper.make_graph([node], "layer", [x], [y], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
+def _random_tensor(name, shape, np_dtype, rng) -> onnx.TensorProto:
+    return onnx.numpy_helper.from_array((rng.standard_normal(shape) * 0.05).astype(np_dtype), name)
+
+
+def candidate_model(reference: onnx.ModelProto, replacement: Replacement) -> onnx.ModelProto:
+    """``reference`` (a one-node model) with its layer replaced by the chain."""
+    from onnxlr import graph as g
+    from onnxlr.splice import default_opset, splice
+    from onnxlr.targets import find_targets
+
+    model = onnx.ModelProto()
+    model.CopyFrom(reference)
+    target = find_targets(model, g.infer_shapes(model))[0]
+    splice(target, replacement, g.NameScope(g.all_names(model)), default_opset(model), model.ir_version)
+    return model
+
+
+def time_models(models: Sequence[onnx.ModelProto], feed: dict, provider: str = "cpu",
+                threads: int | None = None, budget_s: float = LAYER_BUDGET_S,
+                runs: int | None = None) -> list[float]:
+    """Median ms of each model, timed interleaved on ``feed``."""
+    from onnxlr.bench import _interleaved
+
+    providers = runtime.resolve_provider(provider)
+    sessions = [runtime.make_session(m, providers=providers, threads=threads) for m in models]
+    for s in sessions:
+        s.run(None, feed)
+    if runs is None:
+        t0 = time.perf_counter()
+        for s in sessions:
+            s.run(None, feed)
+        one_round = max(time.perf_counter() - t0, 1e-6)
+        runs = int(np.clip(budget_s / one_round, MIN_RUNS, MAX_RUNS))
+    times = _interleaved(sessions, feed, WARMUP, runs)
+    return [float(np.median(t) * 1e3) for t in times]
+
+
+def time_layer(target: Target, input_shape: Sequence[int], shapes: dict, candidates: Sequence[Replacement],
+               opset: int, ir_version: int, provider: str = "cpu", cache: LatencyCache | None = None,
+               threads: int | None = None) -> tuple[float, list[float]]:
+    """(ms of the original layer, ms of each candidate chain) at ``input_shape``."""
+    threads = threads or runtime.default_threads()
+    reference = one_node_model(target, input_shape, shapes, opset, ir_version)
+    models = [reference] + [candidate_model(reference, r) for r in candidates]
+    keys = [structure_key(m, provider, threads) for m in models]
+    cache = cache or LatencyCache(enabled=False)
+    cached = [cache.get(k) for k in keys]
+    if all(c is not None for c in cached):
+        return cached[0], cached[1:]
+    # The reference is always re-timed with the missing candidates: savings are differences of
+    # times from one interleaved run.
+    todo = [0] + [i for i in range(1, len(models)) if cached[i] is None]
+    np_dtype = helper.tensor_dtype_to_np_dtype(target.weight_dtype)
+    feed = {reference.graph.input[0].name: np.random.default_rng(0).standard_normal(input_shape).astype(np_dtype)}
+    ms = time_models([models[i] for i in todo], feed, provider, threads)
+    for i, t in zip(todo, ms):
+        cached[i] = t
+        cache.put(keys[i], t)
+    return cached[0], cached[1:]

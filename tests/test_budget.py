@@ -1,0 +1,152 @@
+"""Budgeted allocation: the greedy rule on synthetic plans, and the whole path on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from builders import cnn_model, gemm_model, op_types
+
+from onnxlr import budget, latency
+from onnxlr.cli import main
+from onnxlr.compress import CompressConfig, compress
+from onnxlr.errors import OnnxlrError
+
+
+@pytest.fixture(autouse=True)
+def fast_timing(monkeypatch):
+    monkeypatch.setattr(latency, "LAYER_BUDGET_S", 0.05)
+    monkeypatch.setattr(latency, "MIN_RUNS", 5)
+    monkeypatch.setattr(latency, "WARMUP", 2)
+    monkeypatch.setattr(budget, "MODEL_BUDGET_S", 0.3)
+    monkeypatch.setattr(budget, "CHECK_SAMPLES", 4)
+    monkeypatch.setattr(budget, "DAMAGE_SAMPLES", 4)
+
+
+# --- the allocation rule on synthetic plans ---------------------------------------------------
+
+
+def _cand(ms, damage, macs=0, f=0.5):
+    return budget.Candidate("svd", f, {"rank": 1}, None, macs, math.sqrt(damage), ms=ms, damage=damage)
+
+
+def _plan(layers, model_ms=None):
+    total = sum(lp.ms for lp in layers)
+    return budget.Plan(b"", layers, "cpu", model_ms or total, sum(lp.macs for lp in layers), False, {}, {}, [])
+
+
+def test_hull_keeps_the_convex_steps_and_drops_dominated_candidates():
+    lp = budget.LayerPlan(0, "a", "Gemm", 100, ms=10.0)
+    lp.candidates = [_cand(8, 0.01), _cand(6, 0.10), _cand(5, 0.03), _cand(2, 0.2), _cand(9, 0.5)]
+    steps = budget._steps(lp, by_macs=False)
+    # (saving, damage): (2, .01), (5, .03) then (8, .2); (4, .10) is dominated by (5, .03), (1, .5) too
+    assert [(s, d) for s, d, _ in steps] == [(2.0, 0.01), (5.0, 0.03), (8.0, 0.2)]
+    slopes = [(d1 - d0) / (s1 - s0) for (s0, d0, _), (s1, d1, _) in zip([(0, 0, None)] + steps, steps)]
+    assert slopes == sorted(slopes)
+
+
+def test_greedy_takes_the_cheapest_damage_per_ms_first_and_stops_at_the_target():
+    cheap = budget.LayerPlan(0, "cheap", "Gemm", 100, ms=10.0, candidates=[_cand(5, 0.001), _cand(2, 0.1)])
+    costly = budget.LayerPlan(1, "costly", "Gemm", 100, ms=10.0, candidates=[_cand(5, 0.05)])
+    plan = _plan([cheap, costly])  # 20 ms
+    alloc = budget.allocate(plan, target_speedup=20 / 15)  # needs 5 ms: the cheap layer's first step
+    assert set(alloc.choice) == {0} and alloc.choice[0].ms == 5
+    alloc = budget.allocate(plan, target_speedup=20 / 10)  # 10 ms: cheap 5 ms, then costly (slope .01 < .033)
+    assert set(alloc.choice) == {0, 1} and alloc.predicted_speedup == pytest.approx(2.0)
+    alloc = budget.allocate(plan, target_speedup=100)  # unreachable: every step taken, not reached
+    assert not alloc.reached and alloc.choice[0].ms == 2
+
+
+def test_max_error_takes_the_fastest_allocation_within_the_predicted_error():
+    a = budget.LayerPlan(0, "a", "Gemm", 100, ms=10.0, candidates=[_cand(5, 0.0004), _cand(2, 0.04)])
+    b = budget.LayerPlan(1, "b", "Gemm", 100, ms=10.0, candidates=[_cand(4, 0.0009)])
+    alloc = budget.allocate(_plan([a, b]), max_error=0.05)  # sqrt(.0004 + .0009) = .036 fits, +.04 not
+    assert set(alloc.choice) == {0, 1} and alloc.choice[0].ms == 5
+    assert alloc.predicted_error <= 0.05
+
+
+def test_target_macs_is_met_exactly():
+    a = budget.LayerPlan(0, "a", "Conv", 1000, ms=10.0, candidates=[_cand(6, 0.01, macs=400), _cand(4, 0.05, macs=200)])
+    b = budget.LayerPlan(1, "b", "Conv", 1000, ms=10.0, candidates=[_cand(6, 0.001, macs=500)])
+    alloc = budget.allocate(_plan([a, b]), target_macs=0.5)
+    assert alloc.macs <= 1000 and set(alloc.choice) == {0, 1}
+
+
+# --- the whole path on tiny models ------------------------------------------------------------
+
+
+def test_a_layer_where_factorization_cannot_win_stays(tmp_path):
+    """A 32x32 Gemm at batch 1 takes microseconds: the two-node chain only adds overhead."""
+    rng = np.random.default_rng(0)
+    model = gemm_model([1, 32], rng.standard_normal((32, 32)).astype(np.float32), trans_b=1)
+    out, report = compress(model, target_speedup=1.5, cache_dir=tmp_path)
+    assert op_types(out) == ["Gemm"]
+    assert report.layers[0].skipped.startswith("budget: kept (")
+    assert any("not reached" in w for w in report.warnings)
+
+
+def test_compress_to_a_target_speedup_never_uses_a_slower_layer(tmp_path):
+    model = cnn_model(channels=(8, 64, 64), spatial=16, classes=10)
+    out, report = compress(model, target_speedup=1.3, cache_dir=tmp_path)
+    onnx.checker.check_model(out)
+    assert any(n.startswith("budget (target speedup 1.3x") for n in report.model_notes)
+    info = report.budget
+    assert info["measured_speedup"] > 0 and info["rounds"]
+    # every replaced layer was measured faster than the layer it replaced
+    work = onnx.ModelProto.FromString(model.SerializeToString())
+    from onnxlr import graph as g
+    from onnxlr.targets import find_targets
+
+    plan = budget.build_plan(work, find_targets(work, g.infer_shapes(work)), CompressConfig(cache_dir=tmp_path))
+    for lp in plan.layers:
+        for c in lp.usable():
+            assert c.ms < lp.ms
+    replaced = {layer.name for layer in report.replaced}
+    usable = {lp.name for lp in plan.layers if lp.usable()}
+    assert replaced <= usable
+
+
+def test_data_aware_damage_uses_the_calibration_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)  # score every candidate, fast or not
+    model = cnn_model(channels=(4, 32, 32), spatial=8, classes=10)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((10, 4, 8, 8)).astype(np.float32))
+    from onnxlr import graph as g
+    from onnxlr.targets import find_targets
+
+    work = onnx.ModelProto.FromString(model.SerializeToString())
+    config = CompressConfig(cache_dir=tmp_path, calib=str(data))
+    plan = budget.build_plan(work, find_targets(work, g.infer_shapes(work)), config)
+    assert plan.data_aware
+    scored = [c for lp in plan.layers for c in lp.candidates if c.damage is not None]
+    assert scored and all(c.damage >= 0 for c in scored)
+    alloc = budget.solve(plan, max_error=0.3)
+    assert alloc.measured_error is not None
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"target_speedup": 2, "max_error": 0.1}, "one budget goal"),
+    ({"target_speedup": 0.9}, "> 1"),
+    ({"target_macs": 1.5}, "(0, 1)"),
+    ({"max_error": 0}, "> 0"),
+])
+def test_budget_options_are_validated(options, message):
+    with pytest.raises(OnnxlrError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        CompressConfig(**options)
+
+
+def test_sweep_cli_writes_plot_and_json(tmp_path, capsys):
+    model = cnn_model(channels=(8, 48, 48), spatial=12, classes=10)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    plot, js = tmp_path / "f.png", tmp_path / "f.json"
+    rc = main(["sweep", str(path), "--targets", "1.2", "--uniform", "0.5", "--plot", str(plot), "--json", str(js),
+               "--cache-dir", str(tmp_path)])
+    assert rc == 0
+    data = json.loads(js.read_text())
+    kinds = sorted(p["kind"] for p in data["points"])
+    assert kinds == ["budget", "uniform"] and plot.stat().st_size > 1000
+    assert "measured" in capsys.readouterr().out

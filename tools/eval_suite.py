@@ -1,0 +1,572 @@
+"""Evaluation suite: compress every model at a grid of settings and measure what it cost and gained.
+
+For each model (the bundled ``digits_vgg`` and the three real models of ``tools/real_models``) and
+each setting of the grid, the suite
+
+1. compresses the original with ``onnxlr.compress`` (the compressed file goes to a cache folder,
+   never to the repository),
+2. counts whole-model parameters (initializers) and MACs (Conv/Gemm/MatMul, from the tensor shapes
+   onnxruntime actually produces for one sample of the evaluation data),
+3. checks output agreement with ``onnxlr.verify`` on held-out evaluation samples (relative L2 error
+   of the output, top-1 agreement for classifiers),
+4. scores the task metric on the held-out evaluation set (the original is the baseline row), and
+5. times the original and every compressed model of that model together with ``onnxlr.bench``
+   (interleaved rounds, one sample per run, thread spinning off); speedup = median over rounds of
+   t_original / t_compressed, with the p10-p90 of those per-round ratios.
+
+Outputs (``--out``, default ``docs/eval``): ``results.json`` (everything, including per-setting
+skip reasons), ``README.md`` (one table per model) and ``<model>.png`` (speedup against the task
+metric, one labelled point per setting, the original marked). Running a subset of models
+(``--models``) merges into an existing ``results.json``, so the tables always cover every model
+measured so far.
+
+    python -m tools.eval_suite                       # full grid, all models (~25 min on 2 cores)
+    python -m tools.eval_suite --quick               # a few settings, fewer timing rounds
+    python -m tools.eval_suite --models digits_vgg --settings "tucker 0.5" "cp 0.25"
+    python -m tools.eval_suite --list                # the grid and the models
+
+The grid is ``GRID`` below: one ``Setting`` per row, whose ``options`` are passed to
+``onnxlr.compress`` as they are; ``data_aware=True`` adds ``calib=<the model's calibration set>``
+(disjoint from the evaluation data). Adding a row type is adding one entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT / ".cache" / "real-models"
+CACHE = ROOT / ".cache" / "eval-suite"
+
+
+# --------------------------------------------------------------------------------------- grid
+@dataclass(frozen=True)
+class Setting:
+    """One row of the grid: ``options`` go to ``onnxlr.compress`` unchanged."""
+
+    label: str
+    options: dict
+    kinds: tuple[str, ...] = ("cnn", "transformer")  # model kinds it applies to
+    data_aware: bool = False  # add calib=<model's calibration set>
+    quick: bool = False  # part of --quick
+    models: tuple[str, ...] | None = None  # only these models (None: every model of its kinds)
+
+
+NO_FC = {"exclude": ("Gemm", "MatMul")}  # keep fully connected layers: compress only the convs
+# Data-aware rows calibrate on at most this many samples (asymmetric mode runs six passes of the
+# original and the partly compressed model over them: 200 EfficientNet crops took 5 min here).
+CALIB = {"calib_samples": 64}
+
+GRID: tuple[Setting, ...] = (
+    Setting("auto 0.25", {"method": "auto", "rank": "0.25"}),
+    Setting("auto 0.5", {"method": "auto", "rank": "0.5"}, quick=True),
+    Setting("auto 0.75", {"method": "auto", "rank": "0.75"}),
+    Setting("auto energy:0.9", {"method": "auto", "rank": "energy:0.9"}, quick=True),
+    Setting("auto energy:0.99", {"method": "auto", "rank": "energy:0.99"}),
+    Setting("auto evbmf", {"method": "auto", "rank": "evbmf"}),
+    Setting("tucker 0.5, convs only", {"method": "tucker", "rank": "0.5", **NO_FC}, kinds=("cnn",)),
+    Setting("cp 0.25", {"method": "cp", "rank": "0.25"}, kinds=("cnn",)),
+    # the bundled model: where does 2x at <= 1 pt lie?
+    Setting("tucker 0.375, convs only", {"method": "tucker", "rank": "0.375", **NO_FC},
+            models=("digits_vgg",)),
+    Setting("cp 0.5, convs only", {"method": "cp", "rank": "0.5", **NO_FC}, models=("digits_vgg",)),
+    # data-aware rows: the same ranks, factors refined on the calibration set
+    Setting("auto 0.5 +calib", {"method": "auto", "rank": "0.5", **CALIB}, data_aware=True,
+            quick=True),
+    Setting("auto 0.75 +calib", {"method": "auto", "rank": "0.75", **CALIB}, data_aware=True),
+    Setting("tucker 0.375, convs only +calib", {"method": "tucker", "rank": "0.375", **NO_FC},
+            data_aware=True, models=("digits_vgg",)),
+)
+
+
+# ------------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: Path
+    kind: str  # "cnn" or "transformer"
+    eval_set: Path  # inputs onnxlr.verify compares on (held-out)
+    calib: Path  # calibration inputs (disjoint from every evaluation set)
+    metrics: Callable[[Path], dict]  # onnx path -> {"set.metric": value}
+    primary: str  # the metric plotted and judged ("set.metric")
+    primary_label: str
+    shown: tuple[str, ...] = ()  # further metrics for the table
+    classifier: bool = True  # top-1 agreement is meaningful for its output
+    verify_samples: int = 64
+
+    def exists(self) -> bool:
+        return self.path.exists() and self.eval_set.exists()
+
+
+def _real_metrics(name: str) -> Callable[[Path], dict]:
+    def run(path: Path) -> dict:
+        from tools.real_models import tasks
+
+        result = tasks.evaluate(name, path, REAL)
+        return {f"{s}.{k}": v for s, d in result.items() for k, v in d.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return run
+
+
+def _digits_metrics(path: Path) -> dict:
+    from tools.real_models import common
+
+    data = np.load(ROOT / "models" / "digits_vgg_test.npz")
+    sess = common.session(path)
+    name = sess.get_inputs()[0].name
+    logits = sess.run(None, {name: data["input"]})[0]
+    correct = int((logits.argmax(1) == data["labels"]).sum())
+    return {"test.accuracy": correct / len(data["labels"]), "test.correct": correct,
+            "test.n": len(data["labels"])}
+
+
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (
+    ModelSpec("digits_vgg", ROOT / "models" / "digits_vgg.onnx", "cnn",
+              ROOT / "models" / "digits_vgg_test.npz", ROOT / "models" / "digits_vgg_calib.npz",
+              _digits_metrics, "test.accuracy", "test accuracy (540 held-out digits)",
+              verify_samples=540),
+    ModelSpec("efficientnet-lite0", REAL / "efficientnet-lite0" / "model.onnx", "cnn",
+              REAL / "efficientnet-lite0" / "eval_crops.npz", REAL / "efficientnet-lite0" / "calib.npz",
+              _real_metrics("efficientnet-lite0"), "eval_crops.top1_agreement",
+              "top-1 agreement with the original (300 held-out crops)",
+              shown=("eval_imagenet.top1", "eval_imagenet.top5")),
+    ModelSpec("ppocr-v6-rec", REAL / "ppocr-v6-rec" / "model.onnx", "cnn",
+              REAL / "ppocr-v6-rec" / "eval.npz", REAL / "ppocr-v6-rec" / "calib.npz",
+              _real_metrics("ppocr-v6-rec"), "eval.char_accuracy",
+              "character accuracy (300 held-out text lines)", shown=("eval.line_accuracy",),
+              classifier=False, verify_samples=32),
+    ModelSpec("all-minilm-l6-v2", REAL / "all-minilm-l6-v2" / "model.onnx", "transformer",
+              REAL / "all-minilm-l6-v2" / "eval.npz", REAL / "all-minilm-l6-v2" / "calib.npz",
+              _real_metrics("all-minilm-l6-v2"), "eval.knn_top1",
+              "1-NN topic accuracy (159 held-out sentences)",
+              shown=("eval.mean_cosine", "eval.min_cosine"), classifier=False, verify_samples=159),
+)}
+
+
+# ------------------------------------------------------------------------------------ progress
+_T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ measurements
+def load_subset(path: Path, n: int) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k][:n] for k in data.files}
+
+
+def params(model: onnx.ModelProto) -> int:
+    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    total += int(np.prod(a.t.dims))
+    return total
+
+
+def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
+    """MACs of every Conv, Gemm and MatMul (main graph) for ``feed``, from the shapes onnxruntime
+    produces: each of their inputs and outputs is exposed as a graph output for one run."""
+    import onnxruntime as ort
+
+    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    known = {o.name for o in copy.graph.output} | {i.name for i in copy.graph.input}
+    inits = {t.name: list(t.dims) for t in copy.graph.initializer}
+    wanted = {name for n in nodes for name in (*n.input[:2], n.output[0])
+              if name and name not in known and name not in inits}
+    for name in sorted(wanted):
+        copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(copy.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    shapes = {n: list(v.shape) for n, v in zip(names, sess.run(None, feed))}
+    shapes.update({k: list(v.shape) for k, v in feed.items()})
+    shapes.update(inits)
+    total = 0
+    for n in nodes:
+        out = shapes[n.output[0]]
+        a, w = shapes[n.input[0]], shapes[n.input[1]]
+        if n.op_type == "Conv":
+            k = int(np.prod(w[1:]))
+        elif n.op_type == "Gemm":
+            trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
+            k = a[0] if trans_a else a[-1]
+        else:
+            k = a[-1]
+        total += int(np.prod(out)) * int(k)
+    return total
+
+
+def skip_reasons(report) -> dict[str, int]:
+    """Skipped layers grouped by the reason's gist (numbers and names dropped)."""
+    import re
+
+    counts: Counter = Counter()
+    for layer in report.layers:
+        if layer.skipped:
+            gist = re.sub(r"\{.*?\}|\(.*?\)|\d+", "#", layer.skipped.split(";")[0])
+            counts[f"{layer.op_type}: {gist.strip()}"] += 1
+    return dict(counts)
+
+
+def compress_setting(spec: ModelSpec, setting: Setting, out_path: Path) -> dict:
+    import onnxlr
+
+    options = dict(setting.options)
+    if setting.data_aware:
+        options["calib"] = str(spec.calib)
+    t0 = time.perf_counter()
+    model, report = onnxlr.compress(spec.path, **options)
+    seconds = time.perf_counter() - t0
+    onnx.save(model, out_path)
+    totals = report.totals
+    return {
+        "compress_seconds": round(seconds, 2),
+        "layers_replaced": totals["layers_replaced"],
+        "layers_skipped": totals["layers_skipped"],
+        "target_params_before": totals["params_before"],
+        "target_params_after": totals["params_after"],
+        "skipped": skip_reasons(report),
+        "methods": dict(Counter(layer.method for layer in report.replaced)),
+        "notes": list(report.model_notes) + list(report.warnings),
+        "layers": [{"name": x.name, "op": x.op_type, "method": x.method, "ranks": x.ranks,
+                    "weight_rel_error": x.weight_rel_error, "skipped": x.skipped}
+                   for x in report.layers],
+    }, model
+
+
+def agreement(spec: ModelSpec, reference: Path, candidate: Path, data: dict) -> dict:
+    from onnxlr.verify import verify
+
+    result = verify(reference, candidate, inputs=data, max_rel_error=None)
+    out = result.outputs[0]
+    return {
+        "verify_samples": int(next(iter(data.values())).shape[0]),
+        "output": out.name,
+        "rel_error": out.rel_error,
+        "cosine": out.cosine,
+        "top1": out.top1 if spec.classifier else None,
+    }
+
+
+def timing(paths: list[Path], shapes: dict, runs: int, warmup: int) -> list[dict]:
+    from onnxlr.bench import bench
+
+    result = bench([str(p) for p in paths], shapes=shapes, runs=runs, warmup=warmup, batch=1)
+    rows = result.to_dict()["models"]
+    return [{k: rows[i][k] for k in ("median_ms", "p10_ms", "p90_ms", "speedup", "speedup_p10",
+                                     "speedup_p90")} for i in range(len(paths))], result
+
+
+# ----------------------------------------------------------------------------------- the suite
+def settings_for(spec: ModelSpec, quick: bool, only: list[str] | None) -> list[Setting]:
+    chosen = [s for s in GRID if spec.kind in s.kinds and (s.models is None or spec.name in s.models)]
+    if only:
+        chosen = [s for s in chosen if s.label in only]
+    elif quick:
+        chosen = [s for s in chosen if s.quick]
+    return chosen
+
+
+def run_model(spec: ModelSpec, settings: list[Setting], args) -> dict:
+    import onnxlr
+
+    cache = Path(args.cache) / spec.name
+    cache.mkdir(parents=True, exist_ok=True)
+    original = onnx.load(spec.path)
+    verify_data = load_subset(spec.eval_set, spec.verify_samples if not args.quick
+                              else min(spec.verify_samples, 32))
+    one = {k: v[:1] for k, v in verify_data.items()}
+    bench_shapes = {k: list(v.shape) for k, v in one.items()}
+    say(f"{spec.name}: baseline metric")
+    base_metrics = spec.metrics(spec.path)
+    base = {"label": "original", "params": params(original), "macs": count_macs(original, one),
+            "metrics": base_metrics}
+    say(f"{spec.name}: original {spec.primary} = {base_metrics[spec.primary]:.4f}")
+    rows = []
+    accepts_calib = "calib" in onnxlr.CompressConfig.__dataclass_fields__
+    for i, setting in enumerate(settings, 1):
+        row: dict = {"label": setting.label, "options": {k: v if isinstance(v, (str, int, float))
+                                                          else str(v) for k, v in setting.options.items()},
+                     "data_aware": setting.data_aware}
+        rows.append(row)
+        if setting.data_aware and not accepts_calib:
+            row["error"] = "this onnxlr has no calib option"
+            continue
+        path = cache / (setting.label.replace(" ", "_").replace(",", "").replace(":", "-")
+                        .replace("+", "") + ".onnx")
+        say(f"{spec.name} [{i}/{len(settings)}] {setting.label}: compress")
+        try:
+            info, model = compress_setting(spec, setting, path)
+        except Exception as exc:  # noqa: BLE001 -- a failed setting is a result, not the end
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            say(f"  failed: {row['error']}")
+            continue
+        row.update(info)
+        row["path"] = str(path)
+        row["params"] = params(model)
+        row["macs"] = count_macs(model, one)
+        del model
+        say(f"  {info['layers_replaced']} replaced in {info['compress_seconds']:.1f} s; "
+            f"MACs {base['macs'] / row['macs']:.2f}x fewer; verify + task metric")
+        row["agreement"] = agreement(spec, spec.path, path, verify_data)
+        row["metrics"] = spec.metrics(path)
+        say(f"  {spec.primary} = {row['metrics'][spec.primary]:.4f} "
+            f"(original {base_metrics[spec.primary]:.4f}), rel error {row['agreement']['rel_error']:.3g}")
+    done = [r for r in rows if "error" not in r]
+    bench_info = None
+    if done:
+        say(f"{spec.name}: timing the original and {len(done)} compressed models, interleaved "
+            f"({args.runs} rounds)")
+        times, result = timing([spec.path] + [Path(r["path"]) for r in done], bench_shapes,
+                               args.runs, args.warmup)
+        base["timing"] = times[0]
+        for r, t in zip(done, times[1:]):
+            r["timing"] = t
+        bench_info = {k: v for k, v in result.to_dict().items() if k != "models"}
+        say(f"{spec.name}: original {times[0]['median_ms']:.2f} ms; best speedup "
+            f"{max(t['speedup'] for t in times[1:]):.2f}x")
+    return {"model": spec.name, "kind": spec.kind, "primary": spec.primary,
+            "primary_label": spec.primary_label, "shown": list(spec.shown),
+            "classifier": spec.classifier, "bench": bench_info, "baseline": base, "settings": rows}
+
+
+# ----------------------------------------------------------------------------------- rendering
+def _fmt_metric(key: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if key.endswith(("accuracy", "top1", "top5", "agreement")):
+        return f"{100 * value:.2f}%"
+    return f"{value:.4f}"
+
+
+def _delta(key: str, value: float, base: float) -> str:
+    d = value - base
+    if key.endswith(("accuracy", "top1", "top5", "agreement")):
+        return f"{100 * d:+.2f} pt"
+    return f"{d:+.4f}"
+
+
+def render_markdown(results: dict) -> str:
+    lines = ["# onnxlr evaluation suite", "",
+             ("Generated by `python -m tools.eval_suite` (see `tools/eval_suite.py`); numbers as "
+             "measured, losses included. Compression is data-free unless the setting says "
+             "`+calib` (factors refined on the model's calibration set, disjoint from the "
+             "evaluation data). Params = all initializers of the model; MACs = every "
+             "Conv/Gemm/MatMul for one evaluation sample, counted from the shapes onnxruntime "
+             "produces. Speedup = median over interleaved rounds of t(original) / t(compressed), "
+             "onnxruntime CPU, batch 1, p10-p90 of the per-round ratios in brackets; all rows of "
+             "one model are timed in the same run. Rel. err = ||y - y_orig|| / ||y_orig|| of the "
+             "output on held-out samples (`onnxlr.verify`); top-1 agr. = fraction of samples whose "
+             "argmax agrees with the original's."), ""]
+    for name in MODELS:
+        res = results.get("models", {}).get(name)
+        if not res:
+            continue
+        base = res["baseline"]
+        key = res["primary"]
+        b = res.get("bench") or {}
+        lines += [f"## {name}", "",
+                  (f"Task metric: {res['primary_label']}. Original: "
+                  f"{_fmt_metric(key, base['metrics'][key])}, {base['params'] / 1e6:.2f} M params, "
+                  f"{base['macs'] / 1e6:.1f} M MACs, "
+                  f"{base.get('timing', {}).get('median_ms', float('nan')):.2f} ms median "
+                  f"({b.get('threads', '?')} threads, {b.get('runs', '?')} rounds, inputs "
+                  f"{b.get('input_shapes', '?')})."), ""]
+        run = res.get("run", {})
+        if run:
+            lines += [(f"Measured {run.get('date', '?')} ({run.get('machine', '')}, onnxruntime "
+                      f"{run.get('onnxruntime', '?')}; {run.get('seconds', 0):.0f} s for this model"
+                      f"{', --quick' if run.get('quick') else ''})."), ""]
+        if res.get("note"):
+            lines += [f"Note: {res['note']}.", ""]
+        lines += [f"![{name}]({name}.png)", ""]
+        extra = res.get("shown", [])
+        head = (["setting", "replaced/skipped", "params", "MACs", "speedup (p10-p90)", "rel. err"]
+                + (["top-1 agr."] if res.get("classifier") else [])
+                + [key, "delta"] + extra + ["compress s"])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        row = (["original", "-", f"{base['params'] / 1e6:.2f} M", f"{base['macs'] / 1e6:.1f} M",
+                "1.00x", "0"] + (["100%"] if res.get("classifier") else [])
+               + [_fmt_metric(key, base["metrics"][key]), "-"]
+               + [_fmt_metric(k, base["metrics"].get(k)) for k in extra] + ["-"])
+        lines.append("| " + " | ".join(row) + " |")
+        for r in res["settings"]:
+            if "error" in r:
+                cells = [r["label"], f"failed: {r['error']}"] + ["-"] * (len(head) - 2)
+                lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+                continue
+            t = r.get("timing") or {}
+            a = r["agreement"]
+            m = r["metrics"]
+            cells = ([r["label"], f"{r['layers_replaced']}/{r['layers_skipped']}",
+                      f"{base['params'] / r['params']:.2f}x fewer",
+                      f"{base['macs'] / r['macs']:.2f}x fewer",
+                      f"{t['speedup']:.2f}x ({t['speedup_p10']:.2f}-{t['speedup_p90']:.2f})" if t else "-",
+                      f"{a['rel_error']:.3g}"]
+                     + ([f"{100 * a['top1']:.1f}%" if a.get("top1") is not None else "-"]
+                        if res.get("classifier") else [])
+                     + [_fmt_metric(key, m[key]), _delta(key, m[key], base["metrics"][key])]
+                     + [_fmt_metric(k, m.get(k)) for k in extra]
+                     + [f"{r['compress_seconds']:.1f}"])
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        skipped = Counter()
+        for r in res["settings"]:
+            for reason, n in (r.get("skipped") or {}).items():
+                skipped[reason] += n
+        if skipped:
+            lines += ["Skip reasons over all settings (layer-times):", ""]
+            lines += [f"- {n} x {reason}" for reason, n in skipped.most_common(8)]
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot_model(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = res["primary"]
+    base = res["baseline"]
+    scale = 100.0 if key.endswith(("accuracy", "top1", "agreement")) else 1.0
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=90)
+    ax.axhline(base["metrics"][key] * scale, color="0.6", lw=0.8, ls="--")
+    if scale == 100.0:
+        ax.axhline(base["metrics"][key] * scale - 1, color="tab:red", lw=0.6, ls=":",
+                   label="original - 1 pt")
+    ax.axvline(1.0, color="0.6", lw=0.8, ls="--")
+    ax.plot([1.0], [base["metrics"][key] * scale], marker="*", ms=16, color="k", ls="none",
+            label="original")
+    for r in res["settings"]:
+        if "error" in r or not r.get("timing"):
+            continue
+        t = r["timing"]
+        x, y = t["speedup"], r["metrics"][key] * scale
+        color = "tab:orange" if r.get("data_aware") else "tab:blue"
+        ax.errorbar([x], [y], xerr=[[x - t["speedup_p10"]], [t["speedup_p90"] - x]], fmt="o",
+                    color=color, ms=5, capsize=2, lw=0.8)
+        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.plot([], [], "o", color="tab:blue", label="data-free")
+    if any(r.get("data_aware") for r in res["settings"]):
+        ax.plot([], [], "o", color="tab:orange", label="data-aware (+calib)")
+    ax.set_xlabel("measured speedup vs original (onnxruntime CPU, batch 1; bars p10-p90)")
+    ax.set_ylabel(res["primary_label"] + (" [%]" if scale == 100.0 else ""))
+    ax.set_title(res["model"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(results: dict, out: Path, merge: bool = True) -> None:
+    """Write JSON, Markdown and plots; with ``merge``, models measured by another run (in the
+    results.json now on disk) are kept."""
+    out.mkdir(parents=True, exist_ok=True)
+    if merge and (out / "results.json").exists():
+        on_disk = json.loads((out / "results.json").read_text())
+        results["models"] = {**on_disk.get("models", {}), **results["models"]}
+        results["runs"] = {**on_disk.get("runs", {}), **results.get("runs", {})}
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json) + "\n")
+    (out / "README.md").write_text(render_markdown(results))
+    for name, res in results["models"].items():
+        plot_model(res, out / f"{name}.png")
+
+
+def _json(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if math.isnan(o) else float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.eval_suite", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", choices=list(MODELS), help="only these models")
+    p.add_argument("--settings", nargs="+", metavar="LABEL", help="only these grid rows (by label)")
+    p.add_argument("--quick", action="store_true", help="the quick rows, fewer samples and rounds")
+    p.add_argument("--runs", type=int, help="timed interleaved rounds (default 100, quick 30)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--out", default=str(ROOT / "docs" / "eval"))
+    p.add_argument("--cache", default=str(CACHE), help="where compressed models go")
+    p.add_argument("--fresh", action="store_true", help="do not merge into an existing results.json")
+    p.add_argument("--list", action="store_true", help="print the grid and the models, then exit")
+    args = p.parse_args(argv)
+    args.runs = args.runs or (30 if args.quick else 100)
+    if args.list:
+        for s in GRID:
+            print(f"{s.label:34s} {s.options} kinds={','.join(s.kinds)}"
+                  f"{' +calib' if s.data_aware else ''}{' (quick)' if s.quick else ''}")
+        for m in MODELS.values():
+            print(f"{m.name:20s} {m.path} {'' if m.exists() else '(missing)'}")
+        return 0
+    if args.settings:
+        unknown = set(args.settings) - {s.label for s in GRID}
+        if unknown:
+            p.error(f"unknown setting(s) {sorted(unknown)}; valid: {[s.label for s in GRID]}")
+    out = Path(args.out)
+    results: dict = {"models": {}}
+    if args.fresh and (out / "results.json").exists():
+        (out / "results.json").unlink()
+    import os
+    import platform
+
+    import onnxruntime
+
+    started = time.perf_counter()
+    for name in args.models or list(MODELS):
+        t_model = time.perf_counter()
+        if (out / "results.json").exists():
+            results = json.loads((out / "results.json").read_text())
+        spec = MODELS[name]
+        if not spec.exists():
+            say(f"{name}: {spec.path} or its data is missing; skipped")
+            continue
+        settings = settings_for(spec, args.quick, args.settings)
+        say(f"{name}: {len(settings)} settings")
+        res = run_model(spec, settings, args)
+        if args.settings and name in results["models"]:  # merge rows into the earlier run
+            old = results["models"][name]
+            keep = [r for r in old["settings"] if r["label"] not in args.settings]
+            res["settings"] = keep + res["settings"]
+            res["settings"].sort(key=lambda r: [s.label for s in GRID].index(r["label"])
+                                 if r["label"] in [s.label for s in GRID] else 99)
+            res["note"] = "rows were timed in separate runs; compare speedups across runs loosely"
+        res["run"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                                 f"load average {os.getloadavg()[0]:.1f}",
+                      "onnxruntime": onnxruntime.__version__,
+                      "seconds": round(time.perf_counter() - t_model, 1), "quick": args.quick}
+        results["models"][name] = res
+        write_outputs(results, out)  # after every model: a long run leaves partial results
+        say(f"{name}: done; wrote {out}")
+    say(f"all done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
