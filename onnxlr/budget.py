@@ -37,6 +37,8 @@ model within E.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import heapq
 import logging
 import math
@@ -220,7 +222,7 @@ def output_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> fl
     return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
 
 
-def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fractions=FRACTIONS,
+def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fractions=None,
                extra_fractions=(), cache_dir=None) -> Plan:
     """Candidates, their measured latencies and damages for every selectable target of ``work``.
 
@@ -230,6 +232,7 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
     from onnxlr.splice import default_opset
 
     started = time.perf_counter()
+    fractions = tuple(fractions or FRACTIONS)
     provider = getattr(config, "provider", "cpu") or "cpu"
     base = work.SerializeToString()
     data_aware = config.calib is not None
@@ -355,7 +358,7 @@ def _data_damage(plan: Plan, work, targets, todo, config, damage_data) -> None:
     model with that one layer replaced."""
     from onnxlr.calibrate import Calibrator, read_bias, refine_replacement
 
-    with _blas1():
+    with _blas1(), _shared_eigh():
         calibrator = Calibrator(work, [t for _, t in todo], config.calib, config.calib_samples, "symmetric")
         by_index = dict(todo)
         reference = run_outputs(plan.base, damage_data)
@@ -372,7 +375,7 @@ def _data_damage(plan: Plan, work, targets, todo, config, damage_data) -> None:
             bias, fit_bias = read_bias(t)
             for c in refinable:
                 if stats is not None:
-                    new, new_bias, note = refine_replacement(t.layer, bias, fit_bias, c.replacement, stats.fit, stats.held)
+                    new, new_bias, _note = refine_replacement(t.layer, bias, fit_bias, c.replacement, stats.fit, stats.held)
                     if new is not c.replacement:
                         c.replacement = new
                         c.new_bias = new_bias if fit_bias else None
@@ -384,6 +387,34 @@ def _data_damage(plan: Plan, work, targets, todo, config, damage_data) -> None:
                 progress.update(done, lp.name)
             calibrator.release(t)
         progress.close()
+
+
+@contextlib.contextmanager
+def _shared_eigh():
+    """Every candidate of a layer whitens with the same activation covariance: decompose each
+    covariance once (keyed by its bytes) instead of once per candidate. Restored on exit."""
+    from onnxlr import refine
+
+    original = getattr(refine, "_eig", None)
+    if original is None:
+        yield
+        return
+    memo: dict = {}
+
+    def eig(sigma, *args, **kwargs):
+        key = (hashlib.sha1(np.ascontiguousarray(sigma).view(np.uint8)).hexdigest(), sigma.shape, args,
+               tuple(sorted(kwargs.items())))
+        if key not in memo:
+            if len(memo) > 8:
+                memo.pop(next(iter(memo)))
+            memo[key] = original(sigma, *args, **kwargs)
+        return memo[key]
+
+    refine._eig = eig
+    try:
+        yield
+    finally:
+        refine._eig = original
 
 
 def _blas1():

@@ -289,7 +289,7 @@ class Calibrator:
         tensors = sorted({p.tensor for p in plans})
         original = _session_with_outputs(self.original, tensors, layers)
         current = _session_with_outputs(self.model.SerializeToString(), tensors, layers) if paired else None
-        rows, exact = feed_rows([self.specs], CHUNK)
+        rows, _ = feed_rows([self.specs], CHUNK)  # a fixed batch B: B samples per run
         rng = np.random.default_rng(SEED + stage)
         seen = 0
         progress = _Progress(f"calibration pass {stage + 1}/{self.n_stages}", self.total)

@@ -36,7 +36,10 @@ def _add_compress(sub) -> None:
                    "Gemm, MatMul and 1x1 convs and tucker for KxK convs")
     p.add_argument("--rank", default=None, help="N, a fraction F (0.33), energy:E, evbmf or evbmf:W "
                    f"(default: {CompressConfig().rank})")
-    p.add_argument("--round-to", type=int, default=None, help="round derived ranks up to a multiple of N")
+    p.add_argument("--round-to", type=int, default=None, help="round derived ranks (fraction, energy, "
+                   "evbmf) up to a multiple of N, capped at the full dimension; integer ranks are kept "
+                   f"(default: {CompressConfig().round_to}: onnxruntime CPU's blocked NCHWc convs want "
+                   "channel counts in multiples of 8; 1 = no rounding)")
     p.add_argument("--include", action="append", default=[], metavar="REGEX",
                    help="only layers whose name (or op type) matches; repeatable")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
@@ -146,7 +149,8 @@ def _verify_and_bench(args, report) -> int:
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="list the model's Conv/Gemm/MatMul layers, their cost, and suggested ranks")
     p.add_argument("model", help=".onnx model")
-    p.add_argument("--round-to", type=int, default=8, help="round suggested ranks up to a multiple of N (default: 8)")
+    p.add_argument("--round-to", type=int, default=8, help="round suggested ranks up to a multiple of N, "
+                   "capped at the full dimension (default: 8, for onnxruntime CPU's NCHWc convs)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.set_defaults(run=_run_inspect)
 

@@ -51,7 +51,7 @@ class CompressConfig:
     exclude: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = ()
     force: bool = False
-    round_to: int = 8
+    round_to: int = 8  # measured by tools/bench_round_to.py: ORT CPU's NCHWc convs
     target_opset: int | None = None
     # Data-aware refinement (onnxlr.calibrate): an .npz or a folder of them, keyed by input name.
     calib: str | os.PathLike | None = None
@@ -85,7 +85,7 @@ class CompressConfig:
         _check_budget(self)
 
 
-def _check_budget(config: "CompressConfig") -> None:
+def _check_budget(config: CompressConfig) -> None:
     goals = [n for n in ("target_speedup", "target_macs", "max_error") if getattr(config, n) is not None]
     if len(goals) > 1:
         raise OnnxlrError(f"give one budget goal, not {' and '.join('--' + n.replace('_', '-') for n in goals)}")

@@ -58,10 +58,10 @@ def parse_rank(text: str | int | float | RankSpec) -> RankSpec:
         return text
     if isinstance(text, bool):
         raise OnnxlrError(f"invalid rank {text!r}: use {VALID_FORMS}")
-    if isinstance(text, int):
-        text = str(text)
-    elif isinstance(text, float):
-        text = repr(text)
+    if isinstance(text, (int, np.integer)):
+        text = str(int(text))
+    elif isinstance(text, (float, np.floating)):
+        text = format(float(text), ".17f").rstrip("0")  # 1e-05 -> 0.00001, always a decimal point
     raw = str(text).strip().lower()
     if re.fullmatch(r"[+-]?\d+", raw):
         value = int(raw)
@@ -78,7 +78,7 @@ def parse_rank(text: str | int | float | RankSpec) -> RankSpec:
         kind, arg = match.groups()
         if arg is None:
             if kind == "energy":
-                raise OnnxlrError(f"invalid rank {text!r}: energy needs a fraction, e.g. energy:0.9")
+                raise OnnxlrError(f"invalid rank {text!r}: energy needs a fraction, e.g. energy:0.9; use {VALID_FORMS}")
             return RankSpec("evbmf", 1.0)
         try:
             value = float(arg)

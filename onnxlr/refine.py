@@ -83,7 +83,7 @@ class Moments:
             self.co += xc.T @ xo
             self.oo += xo.T @ xo
 
-    def merged(self, other: "Moments") -> "Moments":
+    def merged(self, other: Moments) -> Moments:
         out = Moments(self.n, self.paired)
         out.count = self.count + other.count
         out.sum_c = self.sum_c + other.sum_c
@@ -92,7 +92,7 @@ class Moments:
             out.sum_o, out.co, out.oo = self.sum_o + other.sum_o, self.co + other.co, self.oo + other.oo
         return out
 
-    def original_view(self) -> "Moments":
+    def original_view(self) -> Moments:
         """The unpaired moments of x_o alone (a symmetric fit inside asymmetric calibration)."""
         out = Moments(self.n, False)
         out.count, out.sum_c, out.cc = self.count, self.sum_o, self.oo

@@ -9,8 +9,7 @@ from builders import cnn_model, conv_model, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxlr import calibrate
-from onnxlr.cli import build_parser
-from onnxlr.cli import _compress_config
+from onnxlr.cli import _compress_config, build_parser
 from onnxlr.compress import compress
 from onnxlr.errors import OnnxlrError
 from onnxlr.layers import ConvLayer
@@ -126,7 +125,7 @@ def test_data_aware_matmul_with_dynamic_batch_and_sample_limit(tmp_path):
     rng = np.random.default_rng(3)
     model = _linear_model(rng)
     basis, _ = np.linalg.qr(rng.standard_normal((24, 24)))
-    make = lambda n: ((rng.standard_normal((n, 5, 24)) * np.logspace(0, -2, 24)) @ basis.T).astype(np.float32)  # noqa: E731
+    make = lambda n: ((rng.standard_normal((n, 5, 24)) * np.logspace(0, -2, 24)) @ basis.T).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=make(300))
     held = make(40)
     free, _ = compress(model, rank="6", round_to=1)

@@ -44,7 +44,7 @@ def test_structure_key_ignores_weight_values_but_not_shapes():
     a = gemm_model([1, 32], rng.standard_normal((32, 16)).astype(np.float32))
     b = gemm_model([1, 32], rng.standard_normal((32, 16)).astype(np.float32))
     c = gemm_model([1, 32], rng.standard_normal((32, 24)).astype(np.float32))
-    key = lambda m: latency.structure_key(m, "cpu", 2)  # noqa: E731
+    key = lambda m: latency.structure_key(m, "cpu", 2)
     assert key(a) == key(b) != key(c)
     assert latency.structure_key(a, "cpu", 1) != key(a)
 

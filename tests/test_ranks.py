@@ -111,14 +111,10 @@ def test_parse_rank_energy_without_a_value_shows_an_example():
         parse_rank("energy")
 
 
-@pytest.mark.xfail(strict=True, reason="repr(np.float64(0.5)) is 'np.float64(0.5)' under numpy 2: "
-                   "parse_rank rejects numpy float64 ranks (onnxlr/ranks.py, float branch)")
 def test_parse_rank_numpy_float64():
     assert parse_rank(np.float64(0.5)) == RankSpec("fraction", 0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="repr(1e-05) has no decimal point, so a valid Python float "
-                   "fraction below 1e-4 is rejected (onnxlr/ranks.py, float branch)")
 def test_parse_rank_tiny_python_float():
     assert parse_rank(1e-5) == RankSpec("fraction", 1e-5)
 

@@ -26,8 +26,8 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxlr.compress import CompressConfig  # noqa: E402
-from onnxlr.sweep import parse_floats, sweep  # noqa: E402
+from onnxlr.compress import CompressConfig
+from onnxlr.sweep import parse_floats, sweep
 
 REAL = ROOT / ".cache" / "real-models"
 METRIC = {"efficientnet-lite0": ("eval_crops", "top1_agreement"), "ppocr-v6-rec": ("eval", "char_accuracy"),
@@ -90,8 +90,8 @@ def compare(result: dict) -> list[dict]:
 
 def markdown(name: str, result: dict, rows: list[dict]) -> str:
     base = result["baseline_metric"]
-    out = [f"### {name}", "", f"original metric {base:.4f}; {result['provider']}; "
-           f"{'data-aware' if result['data_aware'] else 'data-free'} damage; sweep {result['seconds']:.0f} s", "",
+    out = [f"### {name}", "", (f"original metric {base:.4f}; {result['provider']}; "
+           f"{'data-aware' if result['data_aware'] else 'data-free'} damage; sweep {result['seconds']:.0f} s"), "",
            "| kind | setting | layers | MACs | predicted | measured | output error | metric |",
            "|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
@@ -119,7 +119,12 @@ def main(argv=None) -> int:
     p.add_argument("--uniform", default="0.25,0.375,0.5,0.625,0.75")
     p.add_argument("--out", type=Path, default=Path("bench/budget"))
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--fractions", default=None, help="budget candidate grid (default: onnxlr.budget.FRACTIONS)")
     args = p.parse_args(argv)
+    if args.fractions:
+        from onnxlr import budget
+
+        budget.FRACTIONS = parse_floats(args.fractions, "--fractions")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.name == "digits":
         model = args.model or ROOT / "models" / "digits_vgg.onnx"

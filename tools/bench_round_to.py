@@ -23,8 +23,9 @@ measured speedup over the original (median of per-round ratios, with p10-p90), a
 MAC (measured speedup / MAC reduction: 1.0 means the layer got exactly the speedup its MACs
 promise). Rounding up only ever keeps more rank, so accuracy at N > 1 is never worse than at N = 1;
 the summary ranks each N by the geometric mean, over all (layer, raw rank) cases, of its speedup
-relative to N = 1 on the same case, and recommends the N with the best one (a smaller N wins ties
-within 2%: it adds fewer parameters).
+relative to N = 1 on the same case, and recommends the N with the best one. Each row also says
+whether onnxruntime ran every conv of the chain in its blocked NCHWc layout ("b") or left one
+plain ("p"), read from the graph ORT optimizes: a deterministic check beside noisy timings.
 
 Decompositions are cached per weight inside this tool (the spectrum of a weight does not depend
 on the rank), so a 4096x4096 Gemm is eigendecomposed once, not once per rank.
@@ -55,7 +56,6 @@ from onnxlr.ranks import round_up
 
 MULTIPLES = (1, 2, 4, 8, 16, 32)
 QUICK_MULTIPLES = (1, 8, 16)
-TIE = 0.02  # relative: a smaller N within this of the best geomean wins
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,29 @@ def cache_spectra() -> None:
     tucker_module.left_singular = cached
 
 
+def conv_layouts(model: onnx.ModelProto) -> dict[str, int] | None:
+    """How many convs onnxruntime runs in its blocked NCHWc layout vs the plain one (None: no conv).
+
+    Read from the graph ORT itself optimizes (ORT_ENABLE_ALL): deterministic, unlike timings.
+    """
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # the "hardware specific optimizations" warning
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    ops = [(n.domain, n.op_type) for n in optimized.graph.node]
+    nchwc = ops.count(("com.microsoft.nchwc", "Conv"))
+    plain = sum(1 for domain, op in ops if op in ("Conv", "FusedConv") and domain != "com.microsoft.nchwc")
+    return {"nchwc": nchwc, "plain": plain} if nchwc + plain else None
+
+
 def fraction_for(raw: int, full: int) -> float:
     """A fraction F with ceil(F * full) == raw exactly (no float edge)."""
     return (raw - 0.5) / full
@@ -163,7 +186,8 @@ def run_layer(layer: Layer, multiples, runs: int, warmup: int, threads: int | No
                 model.graph.name = f"R{expected}"
                 variants[key] = (model, {"ranks": lr.ranks, "raw_ranks": lr.raw_ranks,
                                          "macs_before": lr.macs_before, "macs_after": lr.macs_after,
-                                         "weight_rel_error": lr.weight_rel_error})
+                                         "weight_rel_error": lr.weight_rel_error,
+                                         "conv_layout": conv_layouts(model)})
             cases.append((raw, n, key))
     build_s = time.perf_counter() - t0
     # One interleaved bench per raw rank: the original, the raw-rank model and its rounded
@@ -177,11 +201,11 @@ def run_layer(layer: Layer, multiples, runs: int, warmup: int, threads: int | No
                        threads=threads)
         original_ms.append(result.models[0].median_ms)
         for i, key in enumerate(keys):
-            timing[(raw, key)] = result.models[i + 1]
+            timing[(raw, key)] = (result.models[i + 1], result.models[0].p10_ms)
     bench_s = time.perf_counter() - t0
     rows = []
     for raw, n, key in cases:
-        info, t = variants[key][1], timing[(raw, key)]
+        info, (t, original_p10) = variants[key][1], timing[(raw, key)]
         reduction = info["macs_before"] / info["macs_after"] if info["macs_before"] and info["macs_after"] else None
         rows.append({
             "raw_rank": raw, "round_to": n, "rank": key[0], "ranks": info["ranks"],
@@ -189,7 +213,11 @@ def run_layer(layer: Layer, multiples, runs: int, warmup: int, threads: int | No
             "macs_after": info["macs_after"], "mac_reduction": reduction,
             "speedup": t.speedup, "speedup_p10": t.speedup_p10, "speedup_p90": t.speedup_p90,
             "speedup_per_mac": t.speedup / reduction if reduction else None,
-            "median_ms": t.median_ms, "weight_rel_error": info["weight_rel_error"],
+            "median_ms": t.median_ms, "p10_ms": t.p10_ms,
+            # Fast-path estimate: p10 latency of the original over the model's. Under heavy load a
+            # run longer than a scheduler slice is preempted more often, which biases the medians.
+            "speedup_fast": original_p10 / t.p10_ms,
+            "weight_rel_error": info["weight_rel_error"], "conv_layout": info["conv_layout"],
         })
     return {"layer": layer.name, "method": layer.method, "full": layer.full,
             "original_ms": float(np.median(original_ms)), "models_built": len(variants),
@@ -199,6 +227,7 @@ def run_layer(layer: Layer, multiples, runs: int, warmup: int, threads: int | No
 def summarize(results: list[dict], multiples) -> dict:
     """Geomean over (layer, raw rank) cases of speedup(N) / speedup(N=1), and of speedup(N)."""
     rel: dict[int, list[float]] = {n: [] for n in multiples}
+    rel_fast: dict[int, list[float]] = {n: [] for n in multiples}
     abs_: dict[int, list[float]] = {n: [] for n in multiples}
     per_layer: dict[str, dict[int, float]] = {}
     for res in results:
@@ -211,14 +240,15 @@ def summarize(results: list[dict], multiples) -> dict:
             for n in multiples:
                 ratio = row_by_n[n]["speedup"] / base
                 rel[n].append(ratio)
+                rel_fast[n].append(row_by_n[n]["speedup_fast"] / row_by_n[1]["speedup_fast"])
                 layer_rel[n].append(ratio)
                 abs_[n].append(row_by_n[n]["speedup"])
         per_layer[res["layer"]] = {n: _geomean(v) for n, v in layer_rel.items()}
     geo_rel = {n: _geomean(v) for n, v in rel.items()}
-    best = max(geo_rel.values())
-    chosen = min(n for n in multiples if geo_rel[n] >= best * (1 - TIE))
+    chosen = max(multiples, key=lambda n: geo_rel[n])
     return {"geomean_speedup_vs_round_to_1": geo_rel,
             "geomean_speedup_vs_original": {n: _geomean(v) for n, v in abs_.items()},
+            "geomean_fast_speedup_vs_round_to_1": {n: _geomean(v) for n, v in rel_fast.items()},
             "worst_case_vs_round_to_1": {n: min(v) for n, v in rel.items()},
             "per_layer_geomean_vs_round_to_1": per_layer,
             "recommended_round_to": chosen}
@@ -232,7 +262,7 @@ def print_tables(results: list[dict], summary: dict, multiples) -> None:
     for res in results:
         print(f"\n## {res['layer']} ({res['method']}; original {res['original_ms']:.2f} ms; "
               f"{res['models_built']} compressed models; each raw rank timed in its own interleaved group)")
-        head = ["raw"] + [f"N={n}: rank  MACs/  speedup  sp/MAC" for n in multiples]
+        head = ["raw"] + [f"N={n}: rank  MACs/  speedup sp/MAC p10-sp" for n in multiples]
         print(" | ".join(head))
         by_raw: dict[int, list[dict]] = {}
         for row in res["rows"]:
@@ -240,16 +270,20 @@ def print_tables(results: list[dict], summary: dict, multiples) -> None:
         for raw, rows in by_raw.items():
             cells = [f"{raw:>4}"]
             for row in sorted(rows, key=lambda r: r["round_to"]):
-                cells.append(f"{row['rank']:>5} {row['mac_reduction']:5.2f}x {row['speedup']:5.2f}x "
-                             f"{row['speedup_per_mac']:5.2f}")
+                layout = row["conv_layout"]
+                mark = "" if layout is None else ("b" if layout["plain"] == 0 else "p")
+                cells.append(f"{row['rank']:>5}{mark:1} {row['mac_reduction']:5.2f}x {row['speedup']:5.2f}x "
+                             f"{row['speedup_per_mac']:5.2f} {row['speedup_fast']:5.2f}x")
             print(" | ".join(cells))
     print("\n## Summary: geomean over (layer, raw rank) of speedup at N / speedup at N=1")
     print("layer" + "".join(f" | N={n:<4}" for n in multiples))
     for name, by_n in summary["per_layer_geomean_vs_round_to_1"].items():
         print(name + "".join(f" | {by_n[n]:5.2f}" for n in multiples))
     print("ALL" + "".join(f" | {summary['geomean_speedup_vs_round_to_1'][n]:5.2f}" for n in multiples))
+    print("ALL (p10)" + "".join(f" | {summary['geomean_fast_speedup_vs_round_to_1'][n]:5.2f}" for n in multiples))
     print("worst" + "".join(f" | {summary['worst_case_vs_round_to_1'][n]:5.2f}" for n in multiples))
     print("vs original" + "".join(f" | {summary['geomean_speedup_vs_original'][n]:5.2f}" for n in multiples))
+    print("\nrank suffix: b = every conv in ORT's blocked NCHWc layout, p = some conv left plain")
     print(f"\nrecommended --round-to: {summary['recommended_round_to']}")
 
 
