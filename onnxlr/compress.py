@@ -24,7 +24,7 @@ from onnxlr.layers import ConvLayer, Replacement, chain_conv_macs, conv_macs, li
 from onnxlr.ranks import RankLog, RankSpec, cp_rank, parse_rank, svd_rank, tucker_ranks
 from onnxlr.report import CompressReport, LayerReport
 from onnxlr.splice import default_opset, splice
-from onnxlr.targets import Target, find_targets
+from onnxlr.targets import Target, fill_runtime_shapes, find_targets
 
 log = logging.getLogger("onnxlr")
 
@@ -132,6 +132,7 @@ def _compress_model(work: onnx.ModelProto, config: CompressConfig, *, check_outp
     report.model_notes.extend(g.fold_constant_weights(work))
     shapes = g.infer_shapes(work)
     targets = find_targets(work, shapes)
+    fill_runtime_shapes(work, targets)
     _apply_filters(targets, config, report)
     runs_model = config.calib is not None or config.target_speedup is not None or config.target_macs is not None
     if g.has_lazy_tensors(work) and (runs_model or config.max_error is not None):

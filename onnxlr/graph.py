@@ -829,3 +829,44 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def runtime_shapes(model: onnx.ModelProto, wanted: dict[str, int]) -> dict[str, list[int]]:
+    """Shapes onnxruntime really produces for the main-graph tensors ``wanted`` (name -> elem
+    type), running the model once on zeros with a batch of 1.
+
+    For models whose shape inference stops early (pads computed by subgraphs, as in some torch
+    exports) but whose inputs are static apart from the batch. Best effort: {} when the inputs
+    have other dynamic dims (the sizes are then genuinely unknown), the model is too big to copy,
+    or onnxruntime cannot run it.
+    """
+    import onnxruntime as ort
+
+    weights = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in weights:
+            continue
+        tensor_type = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        if any(d is None for d in dims[1:]):
+            return {}
+        shape = [1 if d is None else d for d in dims]
+        feeds[vi.name] = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    if not wanted or model.ByteSize() > PROTOBUF_LIMIT or has_lazy_tensors(model):
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    declared = {o.name for o in probe.graph.output}
+    names = list(wanted)
+    probe.graph.output.extend(
+        onnx.helper.make_tensor_value_info(n, wanted[n], None) for n in names if n not in declared
+    )
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        values = session.run(names, feeds)
+    except Exception:
+        return {}
+    return {n: list(v.shape) for n, v in zip(names, values)}

@@ -21,7 +21,7 @@ from onnxlr.compress import decompose, layer_macs, method_for, single_threaded_b
 from onnxlr.layers import ConvLayer
 from onnxlr.ranks import parse_rank
 from onnxlr.report import _human, format_table
-from onnxlr.targets import find_targets
+from onnxlr.targets import fill_runtime_shapes, find_targets
 
 INSPECT_SPECS = ("evbmf", "energy:0.9")
 
@@ -109,6 +109,7 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, round_to: int = 8) -> In
         model = g.load_model(model)
     shapes = g.infer_shapes(model)
     targets = find_targets(model, shapes)
+    fill_runtime_shapes(model, targets)
     infos = []
     with single_threaded_blas():
         for target in targets:
@@ -134,7 +135,7 @@ def _layer_info(target, round_to: int) -> LayerInfo:
         factorizable=target.skip is None,
         reason=target.skip,
     )
-    if target.layer is None:
+    if target.layer is None or target.skip is not None:
         return info
     method, _ = method_for(target, "auto")
     for spec in INSPECT_SPECS:

@@ -46,6 +46,14 @@ MIN_RUNS, MAX_RUNS = 15, 300
 WARMUP = 5
 
 
+def bench_threads() -> int:
+    """Intra-op threads for every timing: ``ONNXLR_BENCH_THREADS`` or all cores. On a shared,
+    overloaded machine one thread gives far steadier ratios (no barrier waits on a descheduled
+    worker thread)."""
+    value = os.environ.get("ONNXLR_BENCH_THREADS")
+    return int(value) if value else runtime.default_threads()
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("ONNXLR_CACHE_DIR") or Path.home() / ".cache" / "onnxlr")
 
@@ -157,6 +165,7 @@ def time_models(models: Sequence[onnx.ModelProto], feed: dict, provider: str = "
     from onnxlr.bench import _interleaved
 
     providers = runtime.resolve_provider(provider)
+    threads = threads or bench_threads()
     sessions = [runtime.make_session(m, providers=providers, threads=threads) for m in models]
     for s in sessions:
         s.run(None, feed)
@@ -174,7 +183,7 @@ def time_layer(target: Target, input_shape: Sequence[int], shapes: dict, candida
                opset: int, ir_version: int, provider: str = "cpu", cache: LatencyCache | None = None,
                threads: int | None = None) -> tuple[float, list[float]]:
     """(ms of the original layer, ms of each candidate chain) at ``input_shape``."""
-    threads = threads or runtime.default_threads()
+    threads = threads or bench_threads()
     reference = one_node_model(target, input_shape, shapes, opset, ir_version)
     models = [reference] + [candidate_model(reference, r) for r in candidates]
     keys = [structure_key(m, provider, threads) for m in models]

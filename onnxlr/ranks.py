@@ -61,7 +61,10 @@ def parse_rank(text: str | int | float | RankSpec) -> RankSpec:
     if isinstance(text, (int, np.integer)):
         text = str(int(text))
     elif isinstance(text, (float, np.floating)):
-        text = format(float(text), ".17f").rstrip("0")  # 1e-05 -> 0.00001, always a decimal point
+        value = float(text)
+        if not 0 < value <= 1:
+            raise OnnxlrError(f"invalid rank {value!r}: a fraction must be in (0, 1]; use {VALID_FORMS}")
+        return RankSpec("fraction", value)
     raw = str(text).strip().lower()
     if re.fullmatch(r"[+-]?\d+", raw):
         value = int(raw)
@@ -120,7 +123,9 @@ def _evbmf(singular_values: np.ndarray, shape: tuple[int, int], weaken: float, l
 
     full = min(shape)
     min_rank = max(1, int(math.ceil(full * EVBMF_MIN_FRACTION)))
-    estimate = evbmf_rank(singular_values, shape, weaken=weaken, min_rank=min_rank)
+    # A Gram matrix of the long side has more eigenvalues than the matrix has singular values:
+    # the extra ones are zeros.
+    estimate = evbmf_rank(np.asarray(singular_values)[:full], shape, weaken=weaken, min_rank=min_rank)
     if estimate.fallback:
         log.notes.append(f"{label}: {estimate.note}")
     return estimate.rank

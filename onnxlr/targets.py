@@ -203,16 +203,15 @@ def _read_conv(target: Target, weight: np.ndarray, shapes) -> None:
     if weight.shape[0] % group:
         target.skip = f"output channels {weight.shape[0]} are not divisible by group {group}"
         return
-    if layer.is_depthwise:
-        target.skip = "depthwise conv (group == input channels): each filter is already rank 1 in channels"
-        return
-    target.layer = layer
+    target.layer = layer  # kept for MAC counts even when skipped below
     target.in_spatial = _spatial(shapes.get(node.input[0]), 2)
     target.out_spatial = _spatial(shapes.get(node.output[0]), 2)
     if target.in_spatial is not None and len(target.in_spatial) != d:
         target.in_spatial = None
     if target.out_spatial is not None and len(target.out_spatial) != d:
         target.out_spatial = None
+    if layer.is_depthwise:
+        target.skip = "depthwise conv (group == input channels): each filter is already rank 1 in channels"
 
 
 def _rows_per_sample(shape: list[int | None] | None) -> int | None:
@@ -257,3 +256,29 @@ def _as_linear_weight(matrix: np.ndarray, alpha: float) -> np.ndarray:
     if alpha == 1.0 and matrix.dtype == np.float32:
         return matrix
     return np.asarray(matrix, dtype=np.float64) * alpha
+
+
+def fill_runtime_shapes(model: onnx.ModelProto, targets: list[Target]) -> None:
+    """Size the main-graph layers that shape inference could not, from one onnxruntime run."""
+    from onnxlr.graph import runtime_shapes
+
+    unsized = [
+        t for t in targets
+        if t.layer is not None and t.graph is model.graph
+        and (t.rows is None if isinstance(t.layer, LinearLayer)
+             else t.out_spatial is None or None in t.out_spatial or t.in_spatial is None or None in t.in_spatial)
+    ]
+    wanted = {}
+    for t in unsized:
+        wanted[t.node.input[0]] = t.weight_dtype
+        wanted[t.node.output[0]] = t.weight_dtype
+    shapes = runtime_shapes(model, wanted)
+    for t in unsized:
+        x, y = shapes.get(t.node.input[0]), shapes.get(t.node.output[0])
+        if x is None or y is None:
+            continue
+        if isinstance(t.layer, LinearLayer):
+            t.rows = _rows_per_sample(x)
+        elif len(x) == len(y) == t.layer.spatial_rank + 2:
+            t.in_spatial, t.out_spatial = tuple(x[2:]), tuple(y[2:])
+

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -372,10 +373,11 @@ def retime(res: dict, args) -> None:
     times, result = timing([original] + [Path(r["path"]) for r in rows], shapes, args.runs, args.warmup)
     res["baseline"]["timing"] = times[0]
     for r, t in zip(rows, times[1:]):
+        r.setdefault("earlier_timings", []).append(r.get("timing"))
         r["timing"] = t
     res["bench"] = {k: v for k, v in result.to_dict().items() if k != "models"}
     res.setdefault("run", {})["retimed"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    res["run"]["retime_load_average"] = round(__import__("os").getloadavg()[0], 1)
+    res["run"]["retime_load_average"] = round(os.getloadavg()[0], 1)
     say(f"{res['model']}: original {times[0]['median_ms']:.2f} ms; best speedup "
         f"{max(t['speedup'] for t in times[1:]):.2f}x")
 
@@ -435,12 +437,15 @@ def render_markdown(results: dict) -> str:
             lines += [f"Note: {res['note']}.", ""]
         lines += [f"![{name}]({name}.png)", ""]
         extra = res.get("shown", [])
-        head = (["setting", "replaced/skipped", "params", "MACs", "speedup (p10-p90)", "rel. err"]
+        rerun = any(r.get("earlier_timings") for r in res["settings"])
+        head = (["setting", "replaced/skipped", "params", "MACs", "speedup (p10-p90)"]
+                + (["1st run"] if rerun else []) + ["rel. err"]
                 + (["top-1 agr."] if res.get("classifier") else [])
                 + [key, "delta"] + extra + ["compress s"])
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         row = (["original", "-", f"{base['params'] / 1e6:.2f} M", f"{base['macs'] / 1e6:.1f} M",
-                "1.00x", "0"] + (["100%"] if res.get("classifier") else [])
+                "1.00x"] + (["1.00x"] if rerun else []) + ["0"]
+               + (["100%"] if res.get("classifier") else [])
                + [_fmt_metric(key, base["metrics"][key]), "-"]
                + [_fmt_metric(k, base["metrics"].get(k)) for k in extra] + ["-"])
         lines.append("| " + " | ".join(row) + " |")
@@ -456,7 +461,10 @@ def render_markdown(results: dict) -> str:
             cells = ([r["label"], f"{r['layers_replaced']}/{r['layers_skipped']}",
                       f"{base['params'] / r['params']:.2f}x fewer",
                       f"{base['macs'] / r['macs']:.2f}x fewer",
-                      f"{t['speedup']:.2f}x ({t['speedup_p10']:.2f}-{t['speedup_p90']:.2f})" if t else "-",
+                      f"{t['speedup']:.2f}x ({t['speedup_p10']:.2f}-{t['speedup_p90']:.2f})" if t else "-"]
+                     + ([f"{r['earlier_timings'][0]['speedup']:.2f}x" if r.get("earlier_timings")
+                         and r["earlier_timings"][0] else "-"] if rerun else [])
+                     + [
                       f"{a['rel_error']:.3g}"]
                      + ([f"{100 * a['top1']:.1f}%" if a.get("top1") is not None else "-"]
                         if res.get("classifier") else [])
@@ -550,8 +558,9 @@ def write_outputs(results: dict, out: Path, merge: bool = True) -> None:
     if merge and (out / "results.json").exists():
         on_disk = json.loads((out / "results.json").read_text())
         results["models"] = {**on_disk.get("models", {}), **results["models"]}
-        results["runs"] = {**on_disk.get("runs", {}), **results.get("runs", {})}
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json) + "\n")
+    tmp = out / f".results.{os.getpid()}.json"
+    tmp.write_text(json.dumps(results, indent=1, default=_json) + "\n")
+    tmp.replace(out / "results.json")  # atomic: a concurrent run never reads half a file
     (out / "README.md").write_text(render_markdown(results))
     for name, res in results["models"].items():
         plot_model(res, out / f"{name}.png")
@@ -595,10 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"unknown setting(s) {sorted(unknown)}; valid: {[s.label for s in GRID]}")
     out = Path(args.out)
-    results: dict = {"models": {}}
     if args.fresh and (out / "results.json").exists():
         (out / "results.json").unlink()
-    import os
     import platform
 
     import onnxruntime
@@ -607,13 +614,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.retime:
         results = json.loads((out / "results.json").read_text())
         for name in args.models or list(results["models"]):
-            retime(results["models"][name], args)
-            write_outputs(results, out)
+            res = json.loads((out / "results.json").read_text())["models"][name]
+            retime(res, args)
+            write_outputs({"models": {name: res}}, out)  # merges: other models as on disk now
         return 0
     for name in args.models or list(MODELS):
         t_model = time.perf_counter()
-        if (out / "results.json").exists():
-            results = json.loads((out / "results.json").read_text())
         spec = MODELS[name]
         if not spec.exists():
             say(f"{name}: {spec.path} or its data is missing; skipped")
@@ -621,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_for(spec, args.quick, args.settings)
         say(f"{name}: {len(settings)} settings")
         res = run_model(spec, settings, args)
+        results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() \
+            else {"models": {}}
         if args.settings and name in results["models"]:  # merge rows into the earlier run
             old = results["models"][name]
             keep = [r for r in old["settings"] if r["label"] not in args.settings]
@@ -633,8 +641,8 @@ def main(argv: list[str] | None = None) -> int:
                                  f"load average {os.getloadavg()[0]:.1f}",
                       "onnxruntime": onnxruntime.__version__,
                       "seconds": round(time.perf_counter() - t_model, 1), "quick": args.quick}
-        results["models"][name] = res
-        write_outputs(results, out)  # after every model: a long run leaves partial results
+        # only this model: others stay as on disk (another run may be writing them)
+        write_outputs({"models": {name: res}}, out)  # after every model: partial results survive
         say(f"{name}: done; wrote {out}")
     say(f"all done in {time.perf_counter() - started:.0f} s")
     return 0

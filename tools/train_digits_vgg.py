@@ -136,6 +136,24 @@ def build_model(batchnorm: bool = True) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def load_onnx_weights(model: nn.Sequential, path: Path) -> None:
+    """Initialize a --no-batchnorm model from an exported (BatchNorm-folded) digits_vgg.onnx:
+    the Conv / Gemm initializers in graph order map onto the Conv2d / Linear modules in order."""
+    m = onnx.load(str(path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    nodes = [n for n in m.graph.node if n.op_type in ("Conv", "Gemm")]
+    mods = [x for x in model if isinstance(x, (nn.Conv2d, nn.Linear))]
+    if len(nodes) != len(mods):
+        raise ValueError(f"{path}: {len(nodes)} Conv/Gemm nodes, model has {len(mods)} layers")
+    with torch.no_grad():
+        for node, mod in zip(nodes, mods):
+            w = torch.from_numpy(inits[node.input[1]].copy())
+            if w.shape != mod.weight.shape:
+                raise ValueError(f"{node.name}: weight {tuple(w.shape)} != {tuple(mod.weight.shape)}")
+            mod.weight.copy_(w)
+            mod.bias.copy_(torch.from_numpy(inits[node.input[2]].copy()))
+
+
 def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
     """Return an eval-mode copy with every Conv2d+BatchNorm2d pair folded into one biased Conv2d."""
     model = model.eval()
@@ -479,6 +497,23 @@ def write_card(
         else "No BatchNorm: plain convs with bias, so weight decay shapes the exported weights\n"
         "directly. The graph is Conv / Relu / MaxPool / Flatten / Gemm only."
     )
+    nuclear_note = (
+        f"""
+Low-rank training penalty (`--nuclear-weight {args.nuclear_weight}`): the loss adds
+lambda * sum over layers of ||W_(0)||_* / ||W||_F + ||W_(1)||_* / ||W||_F for every 3x3 conv with
+more than one input channel (W = the conv weight with its BatchNorm scale folded in, as exported;
+W_(0) the out x (in*3*3) and W_(1) the in x (out*3*3) unfoldings, the two channel modes Tucker-2
+truncates) plus ||W||_* / ||W||_F for the 4096->256 FC weight. Dividing by the Frobenius norm makes
+it scale-free (weight decay or BatchNorm cannot satisfy it by shrinking weights). This is the
+nuclear-norm / "singular value sparsification" way of training compressible networks (e.g.
+Alvarez & Salzmann, "Compression-aware training of deep networks", NeurIPS 2017; Yang et al.,
+"Learning low-rank deep neural networks via singular vector orthogonality regularization and
+singular value sparsification", CVPR-W 2020): it concentrates the energy of each channel mode in
+few singular values, so data-free truncation loses little.
+"""
+        if args.nuclear_weight > 0
+        else ""
+    )
     text = f"""# digits_vgg: bundled demo model
 
 A VGG-style CNN trained on scikit-learn's 8x8 digits, upsampled to {RESOLUTION}x{RESOLUTION}. It is
@@ -523,7 +558,7 @@ SGD, Nesterov momentum 0.9, one-cycle LR (peak {args.lr}), weight decay {args.we
 (to make the weight spectra decay), batch 64, label smoothing 0.1, dropout 0.3 before the last
 FC, {args.epochs} epochs, seed {args.seed}, `torch.set_num_threads(2)`. Training took
 {stats["train_s"]:.0f} s on 2 CPU cores (torch {torch.__version__}).
-
+{nuclear_note}
     {stats["command"]}
 
 ## Results
@@ -590,6 +625,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="lambda of the scale-free nuclear-norm penalty on the channel-mode unfoldings of each "
         "conv (c_in > 1) and on the 4096->256 FC weight; 0 disables it",
     )
+    p.add_argument(
+        "--init-onnx",
+        type=Path,
+        default=None,
+        help="start from the weights of an exported digits_vgg.onnx (requires --no-batchnorm, "
+        "since BatchNorm is folded in the export): penalized fine-tuning",
+    )
     p.add_argument("--latency-runs", type=int, default=100)
     return p.parse_args(argv)
 
@@ -610,6 +652,12 @@ def main(argv: list[str] | None = None) -> None:
         len(splits.y_test),
     )
     model = build_model(args.batchnorm)
+    if args.init_onnx is not None:
+        if args.batchnorm:
+            raise SystemExit("--init-onnx needs --no-batchnorm (the export has BatchNorm folded in)")
+        load_onnx_weights(model, args.init_onnx)
+        log.info("initialized from %s: test acc %.4f", args.init_onnx,
+                 torch_accuracy(model, splits.x_test, splits.y_test))
     log.info("params %d, MACs %.1fM", count_params(model), sum(count_macs(model).values()) / 1e6)
     train_s = train(
         model,
@@ -642,7 +690,7 @@ def main(argv: list[str] | None = None) -> None:
         f"--seed {args.seed} --lr {args.lr} --weight-decay {args.weight_decay}"
     ) + ("" if args.batchnorm else " --no-batchnorm") + (
         f" --nuclear-weight {args.nuclear_weight}" if args.nuclear_weight > 0 else ""
-    )
+    ) + (f" --init-onnx {args.init_onnx}" if args.init_onnx is not None else "")
     stats = {
         "train_s": train_s,
         "torch_acc": torch_acc,
