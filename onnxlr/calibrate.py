@@ -423,11 +423,45 @@ def read_bias(target: Target) -> tuple[np.ndarray | None, bool]:
         elif c.shape not in ((n_out,), (1, n_out)):
             return None, False
         return target.gemm.beta * c.reshape(-1), target.gemm.beta != 0
+    if target.op_type == "MatMul":  # x @ W followed by Add(bias): the Add's constant is the bias
+        found = _following_add(target)
+        if found is not None:
+            return found[1], True
     return None, False
+
+
+def _following_add(target: Target):
+    """(Add node, its constant [N] as float64, index of the constant input) when the MatMul's only
+    consumer adds a 1-D constant that nothing else reads; else None."""
+    graph, out = target.graph, target.node.output[0]
+    consumers = [n for n in graph.node if out in n.input]
+    if len(consumers) != 1 or consumers[0].op_type != "Add" or any(o.name == out for o in graph.output):
+        return None
+    add = consumers[0]
+    other = 1 if add.input[0] == out else 0
+    constants = g.constants_in(graph)
+    source = constants.get(add.input[other])
+    if source is None or g.count_uses(graph).get(add.input[other], 0) != 1:
+        return None
+    value = np.asarray(source.to_array(), dtype=np.float64)
+    if value.shape != (target.layer.weight.shape[1],):
+        return None
+    return add, value, other
 
 
 def write_bias(target: Target, node_names: list[str], bias: np.ndarray, names: g.NameScope) -> None:
     graph = target.graph
+    if target.op_type == "MatMul":
+        found = _following_add(target)
+        if found is None:
+            return
+        add, _, other = found
+        name = names(f"{target.name}_lr_bias")
+        graph.initializer.append(g.make_initializer(name, bias.reshape(-1), target.weight_dtype))
+        old = add.input[other]
+        add.input[other] = name
+        g.remove_unused_constants(graph, [old])
+        return
     last = next(n for n in graph.node if n.name == node_names[-1])
     value = bias if target.op_type == "Conv" else bias / target.gemm.beta
     name = names(f"{target.name}_lr_bias")

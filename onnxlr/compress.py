@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -176,11 +177,14 @@ def single_threaded_blas():
 
 
 def _factorize_all(targets, todo, config, names, opset, ir_version, report, calibrator=None) -> None:
+    show_progress = sys.stderr.isatty() and not log.isEnabledFor(logging.INFO)
     for target in targets:
         if target.skip is not None:
             report.layers.append(_skipped_report(target))
             continue
         position = todo.index(target) + 1
+        if show_progress:
+            print(f"\r\033[Konnxlr: factorizing [{position}/{len(todo)}] {target.name}", end="", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         layer_report = _factorize_one(target, config, names, opset, ir_version, calibrator)
         report.layers.append(layer_report)
@@ -190,6 +194,8 @@ def _factorize_all(targets, todo, config, names, opset, ir_version, report, cali
             position, len(todo), target.op_type, target.name, layer_report.method or "kept",
             layer_report.ranks or layer_report.skipped, time.perf_counter() - t0,
         )
+    if show_progress and todo:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def _convert_opset(model: onnx.ModelProto, target_opset: int) -> onnx.ModelProto:

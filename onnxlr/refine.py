@@ -43,6 +43,9 @@ import scipy.linalg
 #: Ridge added to the eigenvalues of Sigma_cc, relative to their mean: keeps S^{-1} and the least
 #: squares finite when some input directions never vary (dead channels, zero padding).
 RIDGE = 1e-5
+#: Extra ridge (relative to the mean eigenvalue) in the paired solve W* = W Sigma_oc Sigma_cc^{-1}:
+#: directions that barely vary in the calibration data must not get large compensating weights.
+PAIRED_RIDGE = 1e-2
 
 
 @dataclass
@@ -154,8 +157,9 @@ def whitened_svd(
     sigma_cc, sigma_co, mu_c, mu_o = moments.stats(centered=fit_bias)
     eigenvalues, v = _eig(sigma_cc, ridge)
     root = np.sqrt(eigenvalues)
-    if moments.paired:  # W*^T = Sigma_cc^{-1} Sigma_co W^T
-        w_star = (v @ ((v.T @ (sigma_co @ w.T)) / eigenvalues[:, None])).T
+    if moments.paired:  # W*^T = Sigma_cc^{-1} Sigma_co W^T, with the paired ridge
+        shrunk = eigenvalues + PAIRED_RIDGE * float(eigenvalues.mean())
+        w_star = (v @ ((v.T @ (sigma_co @ w.T)) / shrunk[:, None])).T
     else:
         w_star = w
     a = (w_star @ v) * root

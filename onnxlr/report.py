@@ -30,6 +30,7 @@ class CompressReport:
     layers: list[LayerReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     model_notes: list[str] = field(default_factory=list)
+    budget: dict | None = None  # the allocation a --target-speedup/--target-macs/--max-error chose
 
     @property
     def replaced(self) -> list[LayerReport]:
@@ -56,6 +57,7 @@ class CompressReport:
             "totals": self.totals,
             "warnings": self.warnings,
             "notes": self.model_notes,
+            "budget": self.budget,
         }
 
     def to_json(self) -> str:

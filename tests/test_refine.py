@@ -75,7 +75,8 @@ def test_whitened_svd_fits_the_bias_when_inputs_have_a_mean():
     assert with_bias <= mse(x @ w.T + b, x @ (q0 @ p0).T + b) * (1 + 1e-9)
 
 
-def test_asymmetric_full_rank_is_least_squares_and_truncation_adds_the_whitened_tail():
+def test_asymmetric_full_rank_is_least_squares_and_truncation_adds_the_whitened_tail(monkeypatch):
+    monkeypatch.setattr(refine, "PAIRED_RIDGE", 0.0)  # the exact least squares, without shrinkage
     rng = np.random.default_rng(4)
     n, t = 16, 12
     x_o = anisotropic_inputs(5000, n, rng, spread=2)

@@ -20,10 +20,17 @@ metric, one labelled point per setting, the original marked). Running a subset o
 (``--models``) merges into an existing ``results.json``, so the tables always cover every model
 measured so far.
 
-    python -m tools.eval_suite                       # full grid, all models (~25 min on 2 cores)
-    python -m tools.eval_suite --quick               # a few settings, fewer timing rounds
-    python -m tools.eval_suite --models digits_vgg --settings "tucker 0.5" "cp 0.25"
+    python -m tools.eval_suite                       # full grid, all models
+    python -m tools.eval_suite --data-free           # without the (slow) calibrated rows
+    python -m tools.eval_suite --quick               # a few settings, fewer samples and rounds
+    python -m tools.eval_suite --models digits_vgg --settings "auto 0.5" "cp 0.25"
+    python -m tools.eval_suite --retime              # time the cached models again, nothing else
+    python -m tools.eval_suite --render              # redraw README.md and plots from the JSON
     python -m tools.eval_suite --list                # the grid and the models
+
+Run time on the shared 2-core machine (load average 12-16 from other jobs): the full grid took
+about 11 min (EfficientNet), 18 min (PP-OCR), 16 min (MiniLM) and 25 min (digits); the
+data-aware rows are about half of it (calibration: 1.5-8 min per row).
 
 The grid is ``GRID`` below: one ``Setting`` per row, whose ``options`` are passed to
 ``onnxlr.compress`` as they are; ``data_aware=True`` adds ``calib=<the model's calibration set>``
@@ -108,6 +115,7 @@ class ModelSpec:
     primary_label: str
     shown: tuple[str, ...] = ()  # further metrics for the table
     classifier: bool = True  # top-1 agreement is meaningful for its output
+    int_range: tuple[int, int] = (0, 100)  # integer inputs of the timing runs: [lo, hi)
     verify_samples: int = 64
 
     def exists(self) -> bool:
@@ -155,7 +163,8 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
               REAL / "all-minilm-l6-v2" / "eval.npz", REAL / "all-minilm-l6-v2" / "calib.npz",
               _real_metrics("all-minilm-l6-v2"), "eval.knn_top1",
               "1-NN topic accuracy (159 held-out sentences)",
-              shown=("eval.mean_cosine", "eval.min_cosine"), classifier=False, verify_samples=159),
+              shown=("eval.mean_cosine", "eval.min_cosine"), classifier=False, verify_samples=159,
+              int_range=(0, 2)),  # token_type_ids must be 0 or 1
 )}
 
 
@@ -272,10 +281,12 @@ def agreement(spec: ModelSpec, reference: Path, candidate: Path, data: dict) -> 
     }
 
 
-def timing(paths: list[Path], shapes: dict, runs: int, warmup: int) -> list[dict]:
+def timing(paths: list[Path], shapes: dict, runs: int, warmup: int,
+           int_range: tuple[int, int] = (0, 100)) -> list[dict]:
     from onnxlr.bench import bench
 
-    result = bench([str(p) for p in paths], shapes=shapes, runs=runs, warmup=warmup, batch=1)
+    result = bench([str(p) for p in paths], shapes=shapes, runs=runs, warmup=warmup, batch=1,
+                   int_range=tuple(int_range))
     rows = result.to_dict()["models"]
     return [{k: rows[i][k] for k in ("median_ms", "p10_ms", "p90_ms", "speedup", "speedup_p10",
                                      "speedup_p90")} for i in range(len(paths))], result
@@ -347,14 +358,19 @@ def run_model(spec: ModelSpec, settings: list[Setting], args) -> dict:
     if done:
         say(f"{spec.name}: timing the original and {len(done)} compressed models, interleaved "
             f"({args.runs} rounds)")
-        times, result = timing([spec.path] + [Path(r["path"]) for r in done], bench_shapes,
-                               args.runs, args.warmup)
-        base["timing"] = times[0]
-        for r, t in zip(done, times[1:]):
-            r["timing"] = t
-        bench_info = {k: v for k, v in result.to_dict().items() if k != "models"}
-        say(f"{spec.name}: original {times[0]['median_ms']:.2f} ms; best speedup "
-            f"{max(t['speedup'] for t in times[1:]):.2f}x")
+        try:
+            times, result = timing([spec.path] + [Path(r["path"]) for r in done], bench_shapes,
+                                   args.runs, args.warmup, spec.int_range)
+        except Exception as exc:  # noqa: BLE001 -- keep the measured rows; say why timing failed
+            bench_info = {"error": f"{type(exc).__name__}: {exc}"}
+            say(f"{spec.name}: timing failed: {exc}")
+        else:
+            base["timing"] = times[0]
+            for r, t in zip(done, times[1:]):
+                r["timing"] = t
+            bench_info = {k: v for k, v in result.to_dict().items() if k != "models"}
+            say(f"{spec.name}: original {times[0]['median_ms']:.2f} ms; best speedup "
+                f"{max(t['speedup'] for t in times[1:]):.2f}x")
     return {"model": spec.name, "kind": spec.kind, "primary": spec.primary,
             "primary_label": spec.primary_label, "shown": list(spec.shown),
             "classifier": spec.classifier, "bench": bench_info, "baseline": base, "settings": rows}
@@ -366,11 +382,13 @@ def retime(res: dict, args) -> None:
     rows = [r for r in res["settings"] if "error" not in r and Path(r.get("path", "")).exists()]
     if not rows:
         return
-    original = Path(res["baseline"]["path"])
+    original = Path(res["baseline"].get("path") or MODELS[res["model"]].path)
     b = res.get("bench") or {}
     shapes = b.get("input_shapes")
     say(f"{res['model']}: re-timing the original and {len(rows)} compressed models ({args.runs} rounds)")
-    times, result = timing([original] + [Path(r["path"]) for r in rows], shapes, args.runs, args.warmup)
+    spec = MODELS[res["model"]]
+    times, result = timing([original] + [Path(r["path"]) for r in rows], shapes, args.runs,
+                           args.warmup, spec.int_range)
     res["baseline"]["timing"] = times[0]
     for r, t in zip(rows, times[1:]):
         r.setdefault("earlier_timings", []).append(r.get("timing"))
@@ -529,15 +547,26 @@ def plot_model(res: dict, path: Path) -> None:
     ax.axvline(1.0, color="0.6", lw=0.8, ls="--")
     ax.plot([1.0], [base["metrics"][key] * scale], marker="*", ms=16, color="k", ls="none",
             label="original")
-    for r in res["settings"]:
-        if "error" in r or not r.get("timing"):
-            continue
+    points = [(r["timing"]["speedup"], r["metrics"][key] * scale, r) for r in res["settings"]
+              if "error" not in r and r.get("timing")]
+    xs = [v for p in points for v in (p[2]["timing"]["speedup_p10"], p[2]["timing"]["speedup_p90"])]
+    xs += [1.0]  # the axis spans the p10-p90 bars: label widths scale with it
+    ys = [p[1] for p in points] + [base["metrics"][key] * scale]
+    xspan, yspan = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []  # label anchors in axis-span units
+    for x, y, r in sorted(points, key=lambda p: (p[1], p[0])):
         t = r["timing"]
-        x, y = t["speedup"], r["metrics"][key] * scale
         color = "tab:orange" if r.get("data_aware") else "tab:blue"
         ax.errorbar([x], [y], xerr=[[x - t["speedup_p10"]], [t["speedup_p90"] - x]], fmt="o",
-                    color=color, ms=5, capsize=2, lw=0.8)
-        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+                    color=color, ms=5, capsize=2, lw=0.6, alpha=0.9)
+        # stack labels of nearby points instead of printing them over each other
+        dy = 4
+        while any(abs(x / xspan - px) < 0.22 and abs((y / yspan) + dy / 300 - py) < 0.035
+                  for px, py in placed):
+            dy += 10
+        placed.append((x / xspan, y / yspan + dy / 300))
+        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, dy), fontsize=7,
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if dy > 4 else None)
     ax.plot([], [], "o", color="tab:blue", label="data-free")
     if any(r.get("data_aware") for r in res["settings"]):
         ax.plot([], [], "o", color="tab:orange", label="data-aware (+calib)")
@@ -582,12 +611,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", choices=list(MODELS), help="only these models")
     p.add_argument("--settings", nargs="+", metavar="LABEL", help="only these grid rows (by label)")
     p.add_argument("--quick", action="store_true", help="the quick rows, fewer samples and rounds")
+    p.add_argument("--data-free", action="store_true", help="leave out the data-aware (+calib) rows")
     p.add_argument("--runs", type=int, help="timed interleaved rounds (default 100, quick 30)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", default=str(ROOT / "docs" / "eval"))
     p.add_argument("--cache", default=str(CACHE), help="where compressed models go")
     p.add_argument("--fresh", action="store_true", help="do not merge into an existing results.json")
     p.add_argument("--list", action="store_true", help="print the grid and the models, then exit")
+    p.add_argument("--render", action="store_true",
+                   help="only redraw README.md and the plots from results.json")
     p.add_argument("--retime", action="store_true",
                    help="only time the cached models of results.json again (all rows in one run)")
     args = p.parse_args(argv)
@@ -611,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     started = time.perf_counter()
+    if args.render:
+        write_outputs(json.loads((out / "results.json").read_text()), out, merge=False)
+        return 0
     if args.retime:
         results = json.loads((out / "results.json").read_text())
         for name in args.models or list(results["models"]):
@@ -624,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
         if not spec.exists():
             say(f"{name}: {spec.path} or its data is missing; skipped")
             continue
-        settings = settings_for(spec, args.quick, args.settings)
+        settings = [s for s in settings_for(spec, args.quick, args.settings)
+                    if not (args.data_free and s.data_aware)]
         say(f"{name}: {len(settings)} settings")
         res = run_model(spec, settings, args)
         results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() \
