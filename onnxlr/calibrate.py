@@ -200,6 +200,29 @@ class _LayerPlan:
     tensor: str  # the layer's input tensor
     fit: list[refine.Moments]
     held: list[refine.Moments]
+    # False when another layer of the same asymmetric stage is upstream: that layer's own
+    # compensation changes this layer's input after the pass, so compensating here too would
+    # correct the same error twice (measured: it blows up); such layers fit the original inputs.
+    paired_ok: bool = True
+
+
+def _upstream_layers(graph: onnx.GraphProto, layers: list[Target]) -> dict[int, bool]:
+    """For each layer: whether another of ``layers`` lies upstream of its input in ``graph``."""
+    producers = {o: n for n in graph.node for o in n.output}
+    ids = {id(t.node) for t in layers}
+    out = {}
+    for t in layers:
+        seen, stack, found = set(), [t.node.input[0]], False
+        while stack and not found:
+            node = producers.get(stack.pop())
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if id(node) in ids and node is not t.node:
+                found = True
+            stack.extend(i for i in node.input if i)
+        out[id(t)] = found
+    return out
 
 
 def _rows(target: Target, x: np.ndarray, rng: np.random.Generator) -> tuple:
@@ -286,6 +309,10 @@ class Calibrator:
             n = int(np.prod(t.layer.weight.shape[1:])) if isinstance(t.layer, ConvLayer) else t.layer.weight.shape[0]
             plans.append(_LayerPlan(t, t.node.input[0], [refine.Moments(n, paired) for _ in range(groups)],
                                     [refine.Moments(n, paired) for _ in range(groups)]))
+        if paired:
+            upstream = _upstream_layers(self.model.graph, layers)
+            for plan in plans:
+                plan.paired_ok = not upstream[id(plan.target)]
         tensors = sorted({p.tensor for p in plans})
         original = _session_with_outputs(self.original, tensors, layers)
         current = _session_with_outputs(self.model.SerializeToString(), tensors, layers) if paired else None
@@ -331,7 +358,8 @@ class Calibrator:
             return replacement
         try:
             bias, fit_bias = read_bias(target)
-            result = refine_replacement(target.layer, bias, fit_bias, replacement, plan.fit, plan.held)
+            result = refine_replacement(target.layer, bias, fit_bias, replacement, plan.fit, plan.held,
+                                        paired_ok=plan.paired_ok)
         finally:
             self.release(target)
         new, new_bias, note = result
@@ -518,7 +546,7 @@ def chain_maps(layer, replacement: Replacement) -> list[np.ndarray] | None:
     return maps
 
 
-def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit, held):
+def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit, held, paired_ok: bool = True):
     """(new replacement, new bias, note). Keeps the data-free replacement when the data-aware one
     is not better on the held-out rows."""
     weights = layer_matrices(layer)
@@ -549,6 +577,8 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit, hel
     # Candidates: the fit on the (x_c, x_o) pairs and, in asymmetric mode, the fit on the original
     # inputs alone (more robust when the pairs are few); the best on held-out rows wins.
     views = [lambda ms: ms] + ([lambda ms: [m.original_view() for m in ms]] if fit[0].paired else [])
+    if fit[0].paired and not paired_ok:
+        views = views[1:]
     scored = []
     for i, view in enumerate(views):
         maps, new_biases, _ = candidate(view(fit))
@@ -563,7 +593,7 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit, hel
     bias_out = None
     if fit_bias:
         bias_out = np.concatenate([np.zeros(t_g) if b is None else b for b in new_biases])
-    how = "" if not fit[0].paired else (" (paired fit)" if best == 0 else " (fit on original inputs)")
+    how = "" if not fit[0].paired else (" (paired fit)" if best == 0 and paired_ok else " (fit on original inputs)")
     return new, bias_out, f"calib: {where} output error {before:.4g} -> {after:.4g}{how}"
 
 
@@ -599,7 +629,7 @@ def _rebuild(layer, replacement: Replacement, parts) -> Replacement:
     if isinstance(layer, LinearLayer):
         p, q, _ = parts[0]
         reconstruction = (q @ p).T
-        return replace(replacement, steps=[LinearStep(p.T), LinearStep(q.T)], reconstruction=reconstruction,
+        return replace(replacement, steps=[LinearStep(p.T), LinearStep(q.T)], reconstruction=reconstruction, weight_rel_error=None,
                        notes=list(replacement.notes))
     g_, kernel, s_g = layer.group, layer.kernel, layer.weight.shape[1]
     ones = (1,) * layer.spatial_rank
@@ -625,4 +655,4 @@ def _rebuild(layer, replacement: Replacement, parts) -> Replacement:
     for i, s in enumerate(steps):
         if isinstance(s, ConvStep) and s.bias is not None and i == len(steps) - 1:
             steps[i] = replace(s, bias=None)  # the bias is written by Calibrator.attach
-    return replace(replacement, steps=steps, reconstruction=recon, notes=list(replacement.notes))
+    return replace(replacement, steps=steps, reconstruction=recon, notes=list(replacement.notes), weight_rel_error=None)

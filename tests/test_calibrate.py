@@ -108,7 +108,7 @@ def test_data_aware_cnn_beats_data_free_on_held_out_data(tmp_path, method, facto
     model = cnn_model(0, channels=(3, 16, 16), spatial=4)  # fixed batch 1: fed one sample at a time
     calib, held = _anisotropic_images(160, rng), _anisotropic_images(20, rng)
     np.savez(tmp_path / "calib.npz", x=calib)
-    options = dict(method=method, rank="0.5", round_to=1, exclude=("fc",))
+    options = {"method": method, "rank": "0.5", "round_to": 1, "exclude": ("fc",)}
     free, free_report = compress(model, **options)
     errors = {"free": _rel(free, model, [{"x": h[None]} for h in held])}
     for mode in ("symmetric", "asymmetric"):

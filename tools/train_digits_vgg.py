@@ -15,6 +15,10 @@ PyTorch and scikit-learn are tool-only dependencies (``pip install .[tools]``); 
 package never imports them. Run from the repository root::
 
     python tools/train_digits_vgg.py --out-dir models --epochs 15 --seed 0
+
+``--nuclear-weight L`` adds a scale-free nuclear-norm penalty (low multilinear rank of each conv's
+two channel modes, low rank of the 4096->256 FC) to make data-free truncation lossless-er;
+``--init-onnx PATH --no-batchnorm`` starts from an exported model (penalized fine-tuning).
 """
 
 from __future__ import annotations
