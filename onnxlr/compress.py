@@ -334,6 +334,8 @@ def _factorize_one(target: Target, config: CompressConfig, names: g.NameScope, o
         report.params_after, report.macs_after = params_before, macs_before
         report.method, report.weight_rel_error = None, None
         return report
+    del original
+    target.layer = None  # the original weight is not needed to splice: free it first (peak memory)
     new_nodes = splice(target, replacement, names, opset, ir_version)
     if calibrator is not None:
         calibrator.attach(target, new_nodes, names)

@@ -25,6 +25,8 @@ from onnx import numpy_helper
 from onnxlr.errors import OnnxlrError
 
 PROTOBUF_LIMIT = 2**31 - 1
+# Inline model files above this size are checked before they are parsed (see load_model).
+CHECK_FIRST_BYTES = 64 * 2**20
 # Models above this many bytes are saved with external data (tests lower it).
 EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT
 # Initializers above this size have their bytes set aside during shape inference.
@@ -62,6 +64,16 @@ def load_model(
         raise OnnxlrError(f"{path}: not a regular file; give the path of an .onnx file")
     if path.stat().st_size == 0:
         raise OnnxlrError(f"{path}: the file is empty; re-export the model")
+    checked = False
+    if check and path.stat().st_size > CHECK_FIRST_BYTES:
+        # The checker reads its own copy of the file: run it before Python holds the model, so
+        # the two copies never coexist (peak memory). A failure is re-raised below, after parsing,
+        # so that a file that is not ONNX at all gets its own message.
+        try:
+            check_model(str(path), str(path))
+            checked = True
+        except Exception:  # noqa: BLE001
+            pass
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 -- protobuf raises DecodeError, RuntimeWarning, ValueError ...
@@ -74,7 +86,7 @@ def load_model(
     files = _check_external_data(model, path.parent)
     if data_files is not None:
         data_files.extend(files)
-    if check:
+    if check and not checked:
         check_model(str(path), str(path))
     if lazy_external:
         base = path.parent.resolve()

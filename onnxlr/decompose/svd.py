@@ -40,10 +40,9 @@ def spectrum_and_factor(matrix: np.ndarray) -> tuple[np.ndarray, Callable[[int],
         left = basis[:, :rank]
         right = left.T.astype(dtype) @ np.asarray(work, dtype=dtype)  # rank x cols, row norms = sigma
         scale = np.sqrt(np.maximum(singular_values[:rank], np.finfo(np.float64).tiny))
-        usable = singular_values[:rank] > singular_values[0] * 1e-12 if singular_values.size else []
-        scale = np.where(usable, scale, 1.0)
+        scale = np.where(singular_values[:rank] > singular_values[0] * 1e-12, scale, 1.0)
         left = left * scale
-        right = right / scale[:, None]
+        right /= scale[:, None].astype(right.dtype)  # in place: right can be hundreds of MB
         if transposed:  # matrix = work.T ~= right.T @ left.T
             return right.T, left.T
         return left, right
