@@ -81,8 +81,10 @@ import onnxlr
 model, report = onnxlr.compress_file(sys.argv[1], sys.argv[2], method="auto", rank="0.33")
 elapsed = time.perf_counter() - t0
 usage = resource.getrusage(resource.RUSAGE_SELF)
+# VmHWM, not ru_maxrss: Linux carries the parent's peak into ru_maxrss across fork + exec.
+hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": elapsed, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                  "peak_rss_bytes": usage.ru_maxrss * 1024, "totals": report.totals}))
+                  "peak_rss_bytes": hwm_kib * 1024, "totals": report.totals}))
 """
 
 
