@@ -25,6 +25,8 @@ from onnx import numpy_helper
 from onnxlr.errors import OnnxlrError
 
 PROTOBUF_LIMIT = 2**31 - 1
+# Models above this size are not run by runtime_shapes (MACs then stay unknown where inference stops).
+RUNTIME_SHAPES_MAX_BYTES = 256 * 2**20
 # Inline model files above this size are checked before they are parsed (see load_model).
 CHECK_FIRST_BYTES = 64 * 2**20
 # Models above this many bytes are saved with external data (tests lower it).
@@ -865,7 +867,9 @@ def runtime_shapes(model: onnx.ModelProto, wanted: dict[str, int]) -> dict[str, 
             return {}
         shape = [1 if d is None else d for d in dims]
         feeds[vi.name] = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-    if not wanted or model.ByteSize() > PROTOBUF_LIMIT or has_lazy_tensors(model):
+    # The probe copies the model and onnxruntime loads a third copy: only worth it for models
+    # small enough that this stays far below the compress step's own peak.
+    if not wanted or model.ByteSize() > RUNTIME_SHAPES_MAX_BYTES or has_lazy_tensors(model):
         return {}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
