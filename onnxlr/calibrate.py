@@ -552,7 +552,7 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit, hel
     weights = layer_matrices(layer)
     t_g = weights[0].shape[0]
     biases = [None if bias is None else bias[gi * t_g : (gi + 1) * t_g] for gi in range(len(weights))]
-    free_maps = [np.asarray(r, dtype=np.float64).reshape(r.shape[0], -1) for r in _group_blocks(layer, replacement.reconstruction)]
+    free_maps = [np.asarray(r, dtype=np.float64).reshape(r.shape[0], -1) for r in _group_blocks(layer, replacement.low_rank_weight())]
 
     def candidate(moments):
         if replacement.method == "svd":

@@ -302,7 +302,7 @@ def _factorize_one(target: Target, config: CompressConfig, names: g.NameScope, o
     if note:
         replacement.notes.append(note)
     replacement.notes.extend(rank_log.notes)
-    original = _original_weight(target)
+    original = target.layer.weight
     params_before = int(original.size)
     params_after = sum(int(step.weight.size) for step in replacement.steps)
     macs_before, macs_after = layer_macs(target, replacement)
@@ -340,11 +340,6 @@ def _factorize_one(target: Target, config: CompressConfig, names: g.NameScope, o
     if calibrator is not None:
         calibrator.attach(target, new_nodes, names)
     return report
-
-
-def _original_weight(target: Target) -> np.ndarray:
-    layer = target.layer
-    return layer.weight
 
 
 def layer_macs(target: Target, replacement: Replacement, nominal: bool = False) -> tuple[int | None, int | None]:

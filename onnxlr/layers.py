@@ -94,6 +94,13 @@ class Replacement:
     notes: list[str] = field(default_factory=list)
     weight_rel_error: float | None = None
 
+    def low_rank_weight(self) -> np.ndarray:
+        """The reconstruction, computed from the factors when it was not kept."""
+        if self.reconstruction is not None:
+            return self.reconstruction
+        first, second = (np.asarray(step.weight, dtype=np.float64) for step in self.steps)
+        return first @ second
+
 
 # --- MAC counting ---------------------------------------------------------------------------
 

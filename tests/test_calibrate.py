@@ -134,6 +134,23 @@ def test_data_aware_matmul_with_dynamic_batch_and_sample_limit(tmp_path):
     assert _rel(aware, model, [{"x": held}]) < 0.5 * _rel(free, model, [{"x": held}])
 
 
+def test_calibrates_linear_layers_too_big_to_keep_a_reconstruction(tmp_path, monkeypatch):
+    """Big FC layers keep no reconstruction (svd.MAX_RECONSTRUCTION_SIZE): calibration rebuilds it."""
+    from onnxlr.decompose import svd
+
+    monkeypatch.setattr(svd, "MAX_RECONSTRUCTION_SIZE", 1)
+    rng = np.random.default_rng(3)
+    model = _linear_model(rng)
+    basis, _ = np.linalg.qr(rng.standard_normal((24, 24)))
+    make = lambda n: ((rng.standard_normal((n, 5, 24)) * np.logspace(0, -2, 24)) @ basis.T).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=make(200))
+    held = make(40)
+    free, _ = compress(model, rank="6", round_to=1)
+    aware, report = compress(model, rank="6", round_to=1, calib=str(tmp_path / "calib.npz"))
+    assert report.replaced and report.replaced[0].weight_rel_error is not None
+    assert _rel(aware, model, [{"x": held}]) < 0.5 * _rel(free, model, [{"x": held}])
+
+
 def test_cli_flags_map_onto_the_config(tmp_path):
     args = build_parser().parse_args(["compress", "m.onnx", "-o", "o.onnx", "--calib", "d.npz", "--calib-samples",
                                       "50", "--calib-mode", "symmetric"])
