@@ -60,6 +60,7 @@ class BenchResult:
     runs: int
     batch: int  # samples per run
     input_shapes: dict = field(default_factory=dict)
+    io: str = "host"  # "host": numpy in and out of every run; "device": bound on the GPU once
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +83,7 @@ class BenchResult:
             f"{self.inter_op_threads} inter-op, spinning {'on' if self.spinning else 'off'}, "
             f"{self.graph_optimization}; {self.warmup} warmup + {self.runs} timed runs per model, "
             f"interleaved; {self.batch} sample(s) per run; inputs {shapes}"
+            + ("; inputs and outputs on the device (no host copies timed)" if self.io == "device" else "")
         )
 
 
@@ -96,11 +98,14 @@ def bench(
     batch: int = 1,
     seed: int = 0,
     int_range: tuple[int, int] = (0, 100),
+    host_io: bool = False,
 ) -> BenchResult:
     """Benchmark ``models`` (paths or ``ModelProto``\\ s) interleaved on identical inputs.
 
     ``threads`` defaults to the number of cores; ``batch`` sets dynamic batch dims (``shapes``
-    overrides per input, other dynamic dims are 1). Raises ``OnnxlrError`` on bad models/options.
+    overrides per input, other dynamic dims are 1). On a GPU provider the inputs sit on the device
+    and the outputs stay there unless ``host_io`` (see :func:`runtime.timed_runner`). Raises
+    ``OnnxlrError`` on bad models/options.
     """
     if isinstance(models, (str, bytes, onnx.ModelProto)) or not isinstance(models, Sequence):
         models = [models]
@@ -126,7 +131,8 @@ def bench(
 
     for sess, label in zip(sessions, labels):  # first run: catches shape errors as user errors
         runtime.run_session(sess, feed, None, label)
-    times = _interleaved(sessions, feed, warmup, runs)
+    runners = [runtime.timed_runner(s, feed, host_io=host_io) for s in sessions]
+    times = _interleaved(runners, warmup, runs)
 
     timings = []
     for i, (label, t) in enumerate(zip(labels, times)):
@@ -150,19 +156,21 @@ def bench(
         runs=runs,
         batch=per_run,
         input_shapes={k: list(v) for k, v in feed_shapes.items()},
+        io="host" if host_io or providers[0] == "CPUExecutionProvider" else "device",
     )
 
 
-def _interleaved(sessions, feed, warmup: int, runs: int) -> np.ndarray:
-    """Seconds per run, shape [models, runs]: round r runs every model once, in order on even
-    rounds and in reverse on odd ones, so that going first or last favours no model."""
-    times = np.empty((len(sessions), runs))
+def _interleaved(runners, warmup: int, runs: int) -> np.ndarray:
+    """Seconds per call of each runner (:func:`runtime.timed_runner`), shape [models, runs]:
+    round r calls every runner once, in order on even rounds and in reverse on odd ones, so that
+    going first or last favours no model."""
+    times = np.empty((len(runners), runs))
     clock = time.perf_counter
-    order = list(enumerate(sessions))
+    order = list(enumerate(runners))
     for r in range(-warmup, runs):
-        for i, sess in order if r % 2 == 0 else order[::-1]:
+        for i, run in order if r % 2 == 0 else order[::-1]:
             start = clock()
-            sess.run(None, feed)
+            run()
             if r >= 0:
                 times[i, r] = clock() - start
     return times

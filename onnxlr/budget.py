@@ -462,7 +462,7 @@ def measure(plan: Plan, model: onnx.ModelProto, budget_s: float = MODEL_BUDGET_S
     for s in sessions:
         s.run(None, plan.timing_feed)
     runs = int(np.clip(budget_s / max(time.perf_counter() - t0, 1e-6), 20, 400))
-    times = _interleaved(sessions, plan.timing_feed, 5, runs)
+    times = _interleaved([runtime.timed_runner(s, plan.timing_feed) for s in sessions], 5, runs)
     del sessions
     speedup = float(np.median(times[0] / times[1]))
     error = output_error(plan.reference_outputs, run_outputs(model, plan.check_data))

@@ -135,7 +135,7 @@ def _verify_and_bench(args, report) -> int:
         max_rel_error=args.max_rel_error, min_top1=args.min_top1,
     )
     timing = bench([args.model, args.output], provider=args.provider, runs=args.bench_runs,
-                   shapes=shapes or None)
+                   shapes=shapes or None, seed=args.seed, int_range=parse_int_range(args.int_range))
     print()
     print(compress_summary(report, result, timing))
     for failure in result.failures:
@@ -250,18 +250,25 @@ def _add_bench(sub) -> None:
                         "(repeatable; overrides --batch for that input)")
     p.add_argument("--batch", type=int, default=1,
                    help="size of a dynamic batch dim (default: 1; other dynamic dims are 1)")
+    p.add_argument("--int-range", default="0:100", metavar="LO:HI",
+                   help="range of random integer inputs such as token ids (default: 0:100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    p.add_argument("--host-io", action="store_true",
+                   help="on a GPU provider, time numpy inputs and outputs, host<->device copies "
+                        "included (default: inputs bound on the device once, outputs kept there)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.set_defaults(run=_run_bench)
 
 
 def _run_bench(args) -> int:
     from onnxlr.bench import bench
-    from onnxlr.runtime import parse_shapes
+    from onnxlr.runtime import parse_int_range, parse_shapes
     from onnxlr.verify import write_json
 
     result = bench(
         args.models, provider=args.provider, threads=args.threads, warmup=args.warmup,
-        runs=args.runs, shapes=parse_shapes(args.shape), batch=args.batch,
+        runs=args.runs, shapes=parse_shapes(args.shape), batch=args.batch, seed=args.seed,
+        int_range=parse_int_range(args.int_range), host_io=args.host_io,
     )
     if args.json:
         write_json(args.json, result.to_dict())

@@ -175,7 +175,7 @@ def time_models(models: Sequence[onnx.ModelProto], feed: dict, provider: str = "
             s.run(None, feed)
         one_round = max(time.perf_counter() - t0, 1e-6)
         runs = int(np.clip(budget_s / one_round, MIN_RUNS, MAX_RUNS))
-    times = _interleaved(sessions, feed, WARMUP, runs)
+    times = _interleaved([runtime.timed_runner(s, feed) for s in sessions], WARMUP, runs)
     return [float(np.median(t) * 1e3) for t in times]
 
 

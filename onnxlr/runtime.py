@@ -122,11 +122,16 @@ def make_session(
 ):
     """Open ``model`` in an InferenceSession; every load failure is an ``OnnxlrError``.
 
-    ``providers`` (an already resolved list from :func:`resolve_provider`) skips the check.
+    ``providers`` (an already resolved list from :func:`resolve_provider`) skips the check. A
+    session that did not get the first provider asked for (onnxruntime falls back to the next one
+    when, say, the CUDA or TensorRT libraries cannot be loaded) is an ``OnnxlrError`` too: a
+    silent fallback would report CPU figures as GPU ones.
     """
     import onnxruntime as ort
 
     providers = providers or resolve_provider(provider)
+    if providers[0] != "CPUExecutionProvider":
+        preload_gpu_libraries()
     label = model_label(model)
     if isinstance(model, onnx.ModelProto):
         if model.ByteSize() >= _TWO_GB:
@@ -146,9 +151,94 @@ def make_session(
         source = str(path)
     opts = session_options(threads, verbose=log.isEnabledFor(logging.INFO))
     try:
-        return ort.InferenceSession(source, sess_options=opts, providers=providers)
+        session = ort.InferenceSession(source, sess_options=opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 -- onnxruntime's pybind errors subclass Exception
         raise OnnxlrError(_explain_load_failure(label, exc)) from None
+    check_provider_started(providers[0], session.get_providers())
+    return session
+
+
+_GPU_LIBRARIES_PRELOADED = False
+
+
+def preload_gpu_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that pip packages (``onnxruntime-gpu[cuda,cudnn]``, or
+    PyTorch's) put in site-packages, so that the CUDA provider finds them without
+    LD_LIBRARY_PATH. Once per process; a no-op for onnxruntime builds without ``preload_dlls``."""
+    global _GPU_LIBRARIES_PRELOADED
+    import onnxruntime as ort
+
+    if _GPU_LIBRARIES_PRELOADED or not hasattr(ort, "preload_dlls"):
+        return
+    _GPU_LIBRARIES_PRELOADED = True
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # noqa: BLE001 -- missing libraries show up when the session starts
+        log.info("onnxruntime.preload_dlls failed: %s", exc)
+
+
+def check_provider_started(wanted: str, started: Sequence[str]) -> None:
+    """Raise when onnxruntime started a session without the provider asked for."""
+    if wanted in started:
+        return
+    import onnxruntime as ort
+
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+
+        needs = f" (this build wants CUDA {info.cuda_version}, cuDNN {info.cudnn_version})"
+    except (ImportError, AttributeError):
+        needs = ""
+    short = {v[0]: k for k, v in PROVIDERS.items()}.get(wanted, wanted)
+    fix = {
+        "TensorrtExecutionProvider": "install TensorRT 10 (pip install tensorrt) so that libnvinfer "
+        "is on the library path, or use --provider cuda",
+    }.get(wanted, "install onnxruntime-gpu[cuda,cudnn] (pip-installed CUDA and cuDNN) or put the "
+                  "CUDA and cuDNN libraries on LD_LIBRARY_PATH")
+    raise OnnxlrError(
+        f"onnxruntime {ort.__version__} could not start {wanted} and fell back to "
+        f"{'+'.join(started) or 'nothing'}{needs}: its libraries did not load; {fix}, or use "
+        f"another provider than {short!r}"
+    )
+
+
+def timed_runner(session, feed: Mapping[str, np.ndarray], *, host_io: bool = False):
+    """A zero-argument callable that runs ``session`` once on ``feed`` and returns its outputs,
+    for timing.
+
+    On a GPU provider the inputs are copied to the device once and the outputs stay there
+    (onnxruntime's IOBinding; the call returns them as device-side ``OrtValue``\\ s), so that a
+    timing measures the model rather than host<->device copies, which are the same for every
+    model compared. ``host_io`` times plain ``run`` calls with numpy arrays instead (copies
+    included). Either way a call returns when the work is done: onnxruntime synchronizes the
+    device at the end of a run.
+    """
+    device = session_device(session)
+    if host_io or device == "cpu":
+        return lambda: session.run(None, feed)
+    return _bound_runner(session, feed, device)
+
+
+def _bound_runner(session, feed: Mapping[str, np.ndarray], device: str):
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    for name, array in feed.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, device, 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, device, 0)
+
+    def run():
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    return run
+
+
+def session_device(session) -> str:
+    """onnxruntime's device name for the memory of ``session``'s first provider."""
+    first = session.get_providers()[0]
+    return "cuda" if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
 
 
 def _clean_ort_message(exc: Exception) -> str:

@@ -68,14 +68,9 @@ def test_latency_statistics_are_ordered(heavy):
 def test_runs_are_interleaved_and_the_order_flips():
     calls = []
 
-    class Fake:
-        def __init__(self, name):
-            self.name = name
-
-        def run(self, outputs, feed):
-            calls.append(self.name)
-
-    times = bench_mod._interleaved([Fake("A"), Fake("B")], {}, warmup=1, runs=3)
+    times = bench_mod._interleaved(
+        [lambda: calls.append("A"), lambda: calls.append("B")], warmup=1, runs=3
+    )
     assert calls == ["B", "A", "A", "B", "B", "A", "A", "B"]  # warmup round, then 3 timed
     assert times.shape == (2, 3)
 
@@ -128,11 +123,39 @@ def test_cli_table_and_json(heavy, light, tmp_path, capsys):
     assert "speedup (p10-p90)" in out and "1.00x (baseline)" in out and "spinning off" in out
     data = json.loads(path.read_text())
     assert set(data) == {"models", "providers", "threads", "inter_op_threads", "spinning",
-                         "graph_optimization", "warmup", "runs", "batch", "input_shapes"}
+                         "graph_optimization", "warmup", "runs", "batch", "input_shapes", "io"}
     assert set(data["models"][0]) == {"model", "median_ms", "p10_ms", "p90_ms", "throughput",
                                       "speedup", "speedup_p10", "speedup_p90"}
     assert data["models"][0]["speedup"] is None and data["models"][1]["speedup"] > 0
     assert (data["threads"], data["spinning"], data["runs"]) == (1, False, 20)
+    assert data["io"] == "host"  # the CPU provider has nothing to bind on a device
+
+
+def test_device_bound_runner_returns_what_run_returns(heavy):
+    """The IOBinding path used on GPU providers, exercised on the CPU device (same API)."""
+    session = runtime.make_session(heavy, threads=1)
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 32, 32, 32)).astype(np.float32)}
+    (expected,) = runtime.timed_runner(session, feed)()
+    bound = runtime._bound_runner(session, feed, "cpu")
+    for _ in range(2):  # rebinding nothing between calls: the same binding runs again
+        (value,) = bound()
+        np.testing.assert_array_equal(value.numpy(), expected)
+
+
+def test_int_range_and_seed_reach_the_inputs(tmp_path):
+    """Token-type inputs need --int-range 0:2; a bad range is a user error."""
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])
+    out = helper.make_tensor_value_info("y", TensorProto.INT64, None)
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Gather", ["t", "ids"], ["y"])], "g", [ids], [out],
+                          [numpy_helper.from_array(np.arange(2, dtype=np.int64), "t")]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    path = str(tmp_path / "gather.onnx")
+    onnx.save(model, path)
+    assert main(["bench", path, "--int-range", "0:2", "--runs", "3", "--seed", "4"]) == 0
+    with pytest.raises(OnnxlrError, match="failed to run"):  # ids >= 2 index out of the table
+        bench([path], runs=3, int_range=(0, 100), seed=4)
 
 
 @pytest.mark.parametrize(

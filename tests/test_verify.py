@@ -409,6 +409,21 @@ def test_provider_mapping(monkeypatch):
         runtime.resolve_provider("rocm")
 
 
+def test_a_provider_that_does_not_start_is_an_error_not_a_fallback(ref, monkeypatch):
+    """onnxruntime falls back to the next provider when, say, the CUDA libraries do not load;
+    onnxlr refuses, so CPU timings are never reported as GPU ones."""
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        pytest.skip("this onnxruntime really has CUDA; the fallback is simulated on CPU builds")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])
+    with pytest.raises(OnnxlrError, match="could not start CUDAExecutionProvider and fell back to "
+                                          "CPUExecutionProvider.*onnxruntime-gpu"):
+        runtime.make_session(ref, "cuda")
+    with pytest.raises(OnnxlrError, match="TensorRT 10"):
+        runtime.check_provider_started("TensorrtExecutionProvider", ["CUDAExecutionProvider"])
+    runtime.check_provider_started("CUDAExecutionProvider", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="has CUDA")
 def test_unavailable_provider_lists_the_available_ones(ref, capsys):
     assert main(["verify", ref, ref, "--provider", "cuda"]) == 2
