@@ -452,15 +452,16 @@ def read_bias(target: Target) -> tuple[np.ndarray | None, bool]:
             return None, False
         return target.gemm.beta * c.reshape(-1), target.gemm.beta != 0
     if target.op_type == "MatMul":  # x @ W followed by Add(bias): the Add's constant is the bias
-        found = _following_add(target)
+        found = _following_add(target, target.layer.weight.shape[1])
         if found is not None:
             return found[1], True
     return None, False
 
 
-def _following_add(target: Target):
-    """(Add node, its constant [N] as float64, index of the constant input) when the MatMul's only
-    consumer adds a 1-D constant that nothing else reads; else None."""
+def _following_add(target: Target, n_out: int):
+    """(Add node, its constant [n_out] as float64, index of the constant input) when the MatMul's
+    only consumer adds a 1-D constant of ``n_out`` values that nothing else reads; else None.
+    ``n_out`` is passed in: after splicing, ``target.layer`` has been freed."""
     graph, out = target.graph, target.node.output[0]
     consumers = [n for n in graph.node if out in n.input]
     if len(consumers) != 1 or consumers[0].op_type != "Add" or any(o.name == out for o in graph.output):
@@ -472,7 +473,7 @@ def _following_add(target: Target):
     if source is None or g.count_uses(graph).get(add.input[other], 0) != 1:
         return None
     value = np.asarray(source.to_array(), dtype=np.float64)
-    if value.shape != (target.layer.weight.shape[1],):
+    if value.shape != (n_out,):
         return None
     return add, value, other
 
@@ -480,7 +481,7 @@ def _following_add(target: Target):
 def write_bias(target: Target, node_names: list[str], bias: np.ndarray, names: g.NameScope) -> None:
     graph = target.graph
     if target.op_type == "MatMul":
-        found = _following_add(target)
+        found = _following_add(target, bias.size)
         if found is None:
             return
         add, _, other = found

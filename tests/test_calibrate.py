@@ -77,15 +77,25 @@ def _anisotropic_images(n, rng, c=3, spatial=4):
     return (np.einsum("ij,njhw->nihw", mix, z) + 0.5).astype(np.float32)
 
 
-def _linear_model(rng, k=24, hidden=32, out=16):
-    """x [b, seq, k] -> MatMul -> Relu -> Gemm-free MatMul -> y (two 2-D weights)."""
+def _linear_model(rng, k=24, hidden=32, out=16, bias=False):
+    """x [b, seq, k] -> MatMul -> Relu -> Gemm-free MatMul -> y (two 2-D weights); with ``bias``
+    each MatMul is followed by an Add of a constant vector, as transformer exports have it."""
     w1 = rng.standard_normal((k, hidden)).astype(np.float32)
     w2 = rng.standard_normal((hidden, out)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
+    if bias:
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="mm1"),
+                 helper.make_node("Add", ["h0", "b1"], ["h"], name="add1"),
+                 helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                 helper.make_node("MatMul", ["r", "w2"], ["y0"], name="mm2"),
+                 helper.make_node("Add", ["b2", "y0"], ["y"], name="add2")]
+        inits += [numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32), "b1"),
+                  numpy_helper.from_array(rng.standard_normal(out).astype(np.float32), "b2")]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                 helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
     graph = helper.make_graph(nodes, "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5, out])],
-                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5, out])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -131,6 +141,25 @@ def test_data_aware_matmul_with_dynamic_batch_and_sample_limit(tmp_path):
     free, _ = compress(model, rank="6", round_to=1)
     aware, report = compress(model, rank="6", round_to=1, calib=str(tmp_path / "calib.npz"), calib_samples=120)
     assert "on 120 samples" in " ".join(report.model_notes)
+    assert _rel(aware, model, [{"x": held}]) < 0.5 * _rel(free, model, [{"x": held}])
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "asymmetric"])
+def test_matmul_followed_by_a_bias_add_gets_a_refitted_bias(tmp_path, mode):
+    """MatMul + Add(constant) is how transformers export a linear layer: the Add's constant is the
+    layer's bias, and calibration (which centers the inputs) rewrites it."""
+    rng = np.random.default_rng(4)
+    model = _linear_model(rng, bias=True)
+    basis, _ = np.linalg.qr(rng.standard_normal((24, 24)))
+    make = lambda n: ((rng.standard_normal((n, 5, 24)) * np.logspace(0, -2, 24)) @ basis.T + 2.0).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=make(200))
+    held = make(40)
+    free, _ = compress(model, rank="6", round_to=1)
+    aware, report = compress(model, rank="6", round_to=1, calib=str(tmp_path / "calib.npz"), calib_mode=mode)
+    onnx.checker.check_model(aware, full_check=True)
+    adds = [n for n in aware.graph.node if n.op_type == "Add"]
+    assert len(adds) == 2 and all(any("_lr_bias" in i for i in n.input) for n in adds), adds
+    assert {"b1", "b2"}.isdisjoint(i.name for i in aware.graph.initializer)  # old biases dropped
     assert _rel(aware, model, [{"x": held}]) < 0.5 * _rel(free, model, [{"x": held}])
 
 
