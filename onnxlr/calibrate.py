@@ -225,8 +225,12 @@ def _upstream_layers(graph: onnx.GraphProto, layers: list[Target]) -> dict[int, 
     return out
 
 
-def _rows(target: Target, x: np.ndarray, rng: np.random.Generator) -> tuple:
-    """(row selector, sample index of each row) for a batch of this layer's input."""
+def _rows(target: Target, x: np.ndarray, rng: np.random.Generator, row_mask: np.ndarray | None = None) -> tuple:
+    """(row selector, sample index of each row) for a batch of this layer's input.
+
+    ``row_mask`` (a token mask such as ``attention_mask`` [batch, seq]) leaves out the rows of a
+    linear layer's input [batch, seq, n] where it is 0: padding tokens, whose values the model
+    computes but never uses, would otherwise dominate the statistics of short sentences."""
     layer = target.layer
     batch = x.shape[0] if x.ndim else 1
     if isinstance(layer, ConvLayer):
@@ -236,13 +240,49 @@ def _rows(target: Target, x: np.ndarray, rng: np.random.Generator) -> tuple:
         return (sample_idx, positions), sample_idx
     rows = linear_rows(target, x)
     per_sample = max(rows.shape[0] // max(batch, 1), 1)
-    if per_sample <= POSITIONS_PER_SAMPLE:
+    valid = masked_rows(target, x, row_mask)
+    if valid is not None:
+        picked = []
+        for s in range(batch):
+            idx = s * per_sample + np.flatnonzero(valid[s * per_sample : (s + 1) * per_sample])
+            picked.append(idx if idx.size <= POSITIONS_PER_SAMPLE else rng.choice(idx, POSITIONS_PER_SAMPLE, replace=False))
+        picked = np.sort(np.concatenate(picked)).astype(np.int64)
+    elif per_sample <= POSITIONS_PER_SAMPLE:
         picked = np.arange(rows.shape[0])
     else:
         picked = np.sort(np.concatenate([
             s * per_sample + rng.choice(per_sample, POSITIONS_PER_SAMPLE, replace=False) for s in range(batch)
         ]))
     return picked, np.minimum(picked // per_sample, batch - 1)
+
+
+def masked_rows(target: Target, x: np.ndarray, row_mask: np.ndarray | None) -> np.ndarray | None:
+    """Which rows of ``linear_rows(target, x)`` the mask keeps (bool, flat), or None when the mask
+    does not line up with this input (a layer after pooling, a transposed Gemm input)."""
+    if row_mask is None or (target.gemm is not None and target.gemm.trans_a) or x.ndim < 2:
+        return None
+    if tuple(x.shape[:-1]) != tuple(row_mask.shape):
+        return None
+    return np.asarray(row_mask).reshape(-1) != 0
+
+
+def find_row_mask(specs, requested: str | None) -> str | None:
+    """The input that marks real tokens: ``requested`` by name, ``"none"`` for no mask, or
+    ``"auto"``/None: an integer or bool input named ``attention_mask`` (how Hugging Face exports
+    name it) if the model has one."""
+    names = {s.name: s for s in specs}
+    if requested == "none":
+        return None
+    if requested not in (None, "auto"):
+        if requested not in names:
+            raise OnnxlrError(f"--calib-mask {requested!r}: the model has no such input (its inputs: "
+                              f"{', '.join(names)}); name the input that marks real tokens, or 'none'")
+        return requested
+    spec = names.get("attention_mask")
+    return spec.name if spec is not None and spec.type in _MASK_TYPES else None
+
+
+_MASK_TYPES = {"tensor(int64)", "tensor(int32)", "tensor(bool)", "tensor(float)"}
 
 
 def linear_rows(target: Target, x: np.ndarray) -> np.ndarray:
@@ -264,7 +304,8 @@ def _extract(target: Target, x: np.ndarray, selector) -> list[np.ndarray]:
 class Calibrator:
     """Collects layer statistics on demand and refines replacements with them."""
 
-    def __init__(self, model: onnx.ModelProto, targets: list[Target], data, samples: int | None, mode: str):
+    def __init__(self, model: onnx.ModelProto, targets: list[Target], data, samples: int | None, mode: str,
+                 mask: str | None = "auto"):
         if mode not in MODES:
             raise OnnxlrError(f"unknown calibration mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode
@@ -275,6 +316,7 @@ class Calibrator:
         probe = make_session(self.original, threads=1)
         self.specs = input_specs(probe)
         del probe
+        self.mask_input = find_row_mask(self.specs, mask)
         self.total = count_samples(self.files, self.specs, samples)
         if self.total == 0:
             raise OnnxlrError(f"--calib {data}: no samples")
@@ -324,9 +366,10 @@ class Calibrator:
             outs_o = _run(original, feed, tensors)
             outs_c = _run(current, feed, tensors) if paired else outs_o
             batch = next((a.shape[0] for a in feed.values() if a.ndim), 1)
+            row_mask = feed.get(self.mask_input) if self.mask_input else None
             for plan in plans:
                 x_o = outs_o[plan.tensor]
-                selector, sample_of_row = _rows(plan.target, x_o, rng)
+                selector, sample_of_row = _rows(plan.target, x_o, rng, row_mask)
                 held = ((seen + sample_of_row) % HOLDOUT_EVERY) == HOLDOUT_EVERY - 1
                 parts_o = _extract(plan.target, x_o, selector)
                 parts_c = _extract(plan.target, outs_c[plan.tensor], selector) if paired else parts_o
@@ -555,10 +598,11 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit, hel
     biases = [None if bias is None else bias[gi * t_g : (gi + 1) * t_g] for gi in range(len(weights))]
     free_maps = [np.asarray(r, dtype=np.float64).reshape(r.shape[0], -1) for r in _group_blocks(layer, replacement.low_rank_weight())]
 
-    def candidate(moments):
+    def candidate(moments, paired_ridge=None):
         if replacement.method == "svd":
             rank = replacement.ranks["rank"]
-            out = [refine.whitened_svd(w, b, m, rank, fit_bias) for w, b, m in zip(weights, biases, moments)]
+            out = [refine.whitened_svd(w, b, m, rank, fit_bias, paired_ridge=paired_ridge)
+                   for w, b, m in zip(weights, biases, moments)]
             return [q @ p for p, q, _ in out], [nb for _, _, nb in out], out
         if replacement.method == "tucker":
             out = _tucker_refit(layer, replacement, weights, biases, moments, fit_bias)
@@ -575,26 +619,35 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit, hel
     has_held = all(m.count > 0 for m in held)
     check = held if has_held else fit
     before = error(free_maps, biases, check)
-    # Candidates: the fit on the (x_c, x_o) pairs and, in asymmetric mode, the fit on the original
-    # inputs alone (more robust when the pairs are few); the best on held-out rows wins.
-    views = [lambda ms: ms] + ([lambda ms: [m.original_view() for m in ms]] if fit[0].paired else [])
-    if fit[0].paired and not paired_ok:
-        views = views[1:]
+    # Candidates: in asymmetric mode, the fit on the (x_c, x_o) pairs (for SVD at each of
+    # refine.PAIRED_RIDGES) and the fit on the original inputs alone (more robust when the pairs
+    # are few); in symmetric mode the one fit. The best on held-out rows wins.
+    paired = fit[0].paired and paired_ok
+    ridges = refine.PAIRED_RIDGES if paired and replacement.method == "svd" else (None,)
+    views = [(lambda ms: ms, r) for r in ridges] if paired or not fit[0].paired else []
+    if fit[0].paired:
+        views.append((lambda ms: [m.original_view() for m in ms], None))
     scored = []
-    for i, view in enumerate(views):
-        maps, new_biases, _ = candidate(view(fit))
+    for i, (view, ridge) in enumerate(views):
+        maps, new_biases, _ = candidate(view(fit), ridge)
         scored.append((error(maps, new_biases, check), i))
     after, best = min(scored)
     where = "held-out" if has_held else "calibration"
     if not after < before:
         return replacement, None, f"calib: data-free factors kept ({where} output error {before:.4g} <= data-aware {after:.4g})"
     merged = [f.merged(h) for f, h in zip(fit, held)] if has_held else fit
-    maps, new_biases, parts = candidate(views[best](merged))
+    view, ridge = views[best]
+    maps, new_biases, parts = candidate(view(merged), ridge)
     new = _rebuild(layer, replacement, parts)
     bias_out = None
     if fit_bias:
         bias_out = np.concatenate([np.zeros(t_g) if b is None else b for b in new_biases])
-    how = "" if not fit[0].paired else (" (paired fit)" if best == 0 and paired_ok else " (fit on original inputs)")
+    if not fit[0].paired:
+        how = ""
+    elif best == len(views) - 1:
+        how = " (fit on original inputs)"
+    else:
+        how = " (paired fit)" if len(ridges) == 1 else f" (paired fit, ridge {ridge:g})"
     return new, bias_out, f"calib: {where} output error {before:.4g} -> {after:.4g}{how}"
 
 

@@ -54,6 +54,9 @@ def _add_compress(sub) -> None:
                    "(samples stacked on the batch axis) or a folder of them; refines the factors on it")
     p.add_argument("--calib-samples", type=int, default=None, metavar="N",
                    help="use at most N calibration samples (default: all)")
+    p.add_argument("--calib-mask", default="auto", metavar="INPUT|auto|none",
+                   help="input whose zeros mark padding tokens, left out of the calibration "
+                        "statistics (default auto: attention_mask if the model has it)")
     p.add_argument("--calib-mode", choices=("asymmetric", "symmetric"), default="asymmetric",
                    help="asymmetric (default): fit each layer to the original outputs from the inputs "
                         "of the model compressed so far; symmetric: from the original inputs")
@@ -96,7 +99,8 @@ def _compress_config(args):
     if args.round_to is not None:
         fields["round_to"] = args.round_to
     if args.calib is not None:
-        fields.update(calib=args.calib, calib_samples=args.calib_samples, calib_mode=args.calib_mode)
+        fields.update(calib=args.calib, calib_samples=args.calib_samples, calib_mode=args.calib_mode,
+                      calib_mask=args.calib_mask)
     for name in ("target_speedup", "target_macs", "max_error", "cache_dir", "provider"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)

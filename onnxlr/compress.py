@@ -58,6 +58,9 @@ class CompressConfig:
     calib: str | os.PathLike | None = None
     calib_samples: int | None = None
     calib_mode: str = "asymmetric"
+    # Input whose zeros mark padding tokens to leave out of the statistics: "auto" (attention_mask
+    # when the model has it), "none", or an input name.
+    calib_mask: str = "auto"
     # Budgeted allocation (onnxlr.budget): at most one goal; per-layer method/rank chosen to meet it.
     target_speedup: float | None = None
     target_macs: float | None = None
@@ -150,12 +153,14 @@ def _compress_model(work: onnx.ModelProto, config: CompressConfig, *, check_outp
     if config.calib is not None:
         from onnxlr.calibrate import Calibrator
 
-        calibrator = Calibrator(work, todo, config.calib, config.calib_samples, config.calib_mode)
+        calibrator = Calibrator(work, todo, config.calib, config.calib_samples, config.calib_mode,
+                                config.calib_mask)
     with single_threaded_blas():
         _factorize_all(targets, todo, config, names, opset, work.ir_version, report, calibrator)
     if calibrator is not None:
+        masked = f", padding rows left out by input {calibrator.mask_input!r}" if calibrator.mask_input else ""
         report.model_notes.append(f"calibrated ({config.calib_mode}) on {calibrator.total} samples "
-                                  f"in {calibrator.n_stages} pass(es), {calibrator.seconds:.1f} s")
+                                  f"in {calibrator.n_stages} pass(es), {calibrator.seconds:.1f} s{masked}")
     if not targets:
         report.model_notes.append("the model has no Conv, Gemm or MatMul layer: nothing to factorize")
     log.info("factorized %d of %d layers in %.1f s", len(report.replaced), len(targets), time.perf_counter() - started)

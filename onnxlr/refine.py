@@ -43,9 +43,14 @@ import scipy.linalg
 #: Ridge added to the eigenvalues of Sigma_cc, relative to their mean: keeps S^{-1} and the least
 #: squares finite when some input directions never vary (dead channels, zero padding).
 RIDGE = 1e-5
-#: Extra ridge (relative to the mean eigenvalue) in the paired solve W* = W Sigma_oc Sigma_cc^{-1}:
-#: directions that barely vary in the calibration data must not get large compensating weights.
-PAIRED_RIDGE = 1e-2
+#: Ridges (relative to the mean eigenvalue) tried in the paired solve of the whitened SVD,
+#: W*^T = W^T + (Sigma_cc + a I)^{-1} (Sigma_co - Sigma_cc) W^T: a -> 0 is the full asymmetric
+#: correction W Sigma_oc Sigma_cc^{-1}, a large one shrinks it towards W. Directions that barely
+#: vary in the calibration data must not get large compensating weights, and with few rows per
+#: input dimension (a transformer's 1536-wide FFN input) the full correction overfits; the
+#: calibration keeps whichever does best on held-out rows.
+PAIRED_RIDGES = (1e-2, 1e-1, 1.0)
+PAIRED_RIDGE = PAIRED_RIDGES[0]
 
 
 @dataclass
@@ -144,11 +149,14 @@ def _eig(sigma: np.ndarray, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarra
 
 
 def whitened_svd(
-    w: np.ndarray, b: np.ndarray | None, moments: Moments, rank: int, fit_bias: bool, ridge: float = RIDGE
+    w: np.ndarray, b: np.ndarray | None, moments: Moments, rank: int, fit_bias: bool, ridge: float = RIDGE,
+    paired_ridge: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(P [R, n], Q [T, R], b') minimizing E||W x_o + b - Q P x_c - b'||^2 over rank R.
 
     ``fit_bias=False``: b' = b (uncentered moments), for layers that cannot take a new bias.
+    ``paired_ridge`` (default ``PAIRED_RIDGE``) is the asymmetric correction's ridge, see
+    ``PAIRED_RIDGES``.
     With Sigma_cc = V diag(l) V^T and S = V diag(sqrt l) V^T, the SVD of W* S equals that of
     A = (W* V) diag(sqrt l) up to the orthogonal V^T on the right, so S is never formed:
     A = U s Z^T gives Q = U_R sqrt(s_R) and P = sqrt(s_R) Z_R^T diag(1/sqrt l) V^T.
@@ -157,9 +165,10 @@ def whitened_svd(
     sigma_cc, sigma_co, mu_c, mu_o = moments.stats(centered=fit_bias)
     eigenvalues, v = _eig(sigma_cc, ridge)
     root = np.sqrt(eigenvalues)
-    if moments.paired:  # W*^T = Sigma_cc^{-1} Sigma_co W^T, with the paired ridge
-        shrunk = eigenvalues + PAIRED_RIDGE * float(eigenvalues.mean())
-        w_star = (v @ ((v.T @ (sigma_co @ w.T)) / shrunk[:, None])).T
+    if moments.paired:  # W*^T = W^T + (Sigma_cc + a I)^{-1} (Sigma_co - Sigma_cc) W^T
+        a = PAIRED_RIDGE if paired_ridge is None else paired_ridge
+        shrunk = eigenvalues + a * float(eigenvalues.mean())
+        w_star = w + (v @ ((v.T @ ((sigma_co - sigma_cc) @ w.T)) / shrunk[:, None])).T
     else:
         w_star = w
     a = (w_star @ v) * root

@@ -191,3 +191,48 @@ def test_cli_flags_map_onto_the_config(tmp_path):
         compress(cnn_model(0), calib="d.npz", calib_samples=0)
     with pytest.raises(OnnxlrError, match="no such file"):
         compress(cnn_model(0), calib=str(tmp_path / "missing.npz"))
+
+
+def _masked_linear_model(rng, k=16, hidden=24, out=12):
+    """x [b, seq, k], attention_mask [b, seq] -> MatMul, Relu, MatMul -> y * mask: the outputs of
+    padding positions are zeroed, so only real tokens matter (as in a mean-pooled encoder)."""
+    w1 = rng.standard_normal((k, hidden)).astype(np.float32)
+    w2 = rng.standard_normal((hidden, out)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y0"], name="mm2"),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]), helper.make_node("Mul", ["y0", "m3"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "masked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", out])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(np.array([-1], dtype=np.int64), "axis")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_padding_tokens_are_left_out_of_the_statistics(tmp_path):
+    """Sentences padded to a fixed length: the padding rows (large, differently distributed
+    vectors the model masks out) must not steer the fit. With attention_mask found automatically,
+    the error on real tokens is far lower than with --calib-mask none."""
+    rng = np.random.default_rng(5)
+    model = _masked_linear_model(rng)
+    basis, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+
+    def make(n, seq=12):
+        x = ((rng.standard_normal((n, seq, 16)) * np.logspace(0, -2, 16)) @ basis.T).astype(np.float32)
+        lengths = rng.integers(2, 5, size=n)
+        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+        x[mask == 0] = 5.0 * rng.standard_normal((int((mask == 0).sum()), 16))  # padding garbage
+        return {"x": x, "attention_mask": mask}
+
+    np.savez(tmp_path / "calib.npz", **make(300))
+    held = make(60)
+    options = {"rank": "4", "round_to": 1, "calib": str(tmp_path / "calib.npz")}
+    masked, report = compress(model, **options)
+    unmasked, _ = compress(model, calib_mask="none", **options)
+    assert "padding rows left out by input 'attention_mask'" in " ".join(report.model_notes)
+    assert _rel(masked, model, [held]) < 0.6 * _rel(unmasked, model, [held])  # measured 0.47
+    with pytest.raises(OnnxlrError, match="--calib-mask 'tokens_mask': the model has no such input"):
+        compress(model, calib_mask="tokens_mask", **options)

@@ -145,3 +145,24 @@ def test_refit_tucker_core_is_least_squares_given_the_bases():
     target = x @ w.T @ u_out
     best = np.linalg.lstsq(z, target, rcond=None)[0].T
     assert np.allclose(core, best, rtol=1e-3, atol=1e-3 * np.abs(best).max())
+
+
+def test_paired_ridge_shrinks_the_asymmetric_correction_towards_the_original_weight():
+    """A huge ridge leaves W* = W: the fit is then the symmetric one in x_c's whitened space, and
+    the full-strength correction does at least as well on the data it was fitted on."""
+    rng = np.random.default_rng(7)
+    n, t, rank = 12, 10, 4
+    x_o = anisotropic_inputs(3000, n, rng, spread=2)
+    x_c = x_o @ (np.eye(n) + 0.3 * rng.standard_normal((n, n)))
+    w, b = rng.standard_normal((t, n)), rng.standard_normal(t)
+    paired, unpaired = moments_of(x_c, x_o), moments_of(x_c)
+    p_big, q_big, _ = refine.whitened_svd(w, b, paired, rank, fit_bias=True, paired_ridge=1e12)
+    p_sym, q_sym, _ = refine.whitened_svd(w, b, unpaired, rank, fit_bias=True)
+    np.testing.assert_allclose(q_big @ p_big, q_sym @ p_sym, rtol=1e-6, atol=1e-8)
+    errors = [refine.relative_error(w, b, *_fit(w, b, paired, rank, a), paired) for a in (1e-6, 1.0, 1e12)]
+    assert errors[0] <= errors[1] <= errors[2], errors
+
+
+def _fit(w, b, moments, rank, ridge):
+    p, q, b_new = refine.whitened_svd(w, b, moments, rank, fit_bias=True, paired_ridge=ridge)
+    return q @ p, b_new
