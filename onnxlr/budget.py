@@ -16,7 +16,9 @@ model within E.
 3. **Damage** of a candidate, d:
    * with calibration data: the squared relative output error of the model with that one layer
      replaced (factors refined on the data by :mod:`onnxlr.calibrate`, symmetric statistics) on
-     :data:`DAMAGE_SAMPLES` calibration samples: one onnxruntime pass per candidate;
+     :data:`DAMAGE_SAMPLES` calibration samples held out from the refinement (see
+     :func:`_load_data`): one onnxruntime pass per candidate. For an output made by a Softmax
+     the error is that of its input, the logits (:data:`ERROR_ON_LOGITS`);
    * without data: the squared relative weight error ``||W - W_r||^2 / ||W||^2`` (normalized per
      layer; every layer is taken as equally sensitive).
    Candidates with d > :data:`MAX_LAYER_DAMAGE` are dropped (a layer whose every candidate is too
@@ -71,6 +73,9 @@ CHECK_SAMPLES = 32
 MAX_ROUNDS = 4
 PREDICTION_TOLERANCE = 0.15  # a final check within 15% of the prediction ends the rounds
 MODEL_BUDGET_S = 5.0  # seconds of interleaved timing per end-to-end check
+# A Softmax output saturates: errors in the logits of confident positions vanish from the
+# probabilities. Damages and output errors are measured on its input (the logits) instead.
+ERROR_ON_LOGITS = True
 
 
 @dataclass
@@ -121,6 +126,8 @@ class Plan:
     alpha: float = 1.0
     error_scale: float = 1.0
     seconds: dict = field(default_factory=dict)
+    fit_samples: int | None = None  # calibration samples the candidates are refined on (the first ones)
+    logits: dict = field(default_factory=dict)  # Softmax inputs errors are measured on (name -> dtype)
 
 
 @dataclass
@@ -174,20 +181,41 @@ def _methods(target: Target, requested: str) -> tuple[str, ...]:
     return ("svd",)
 
 
-def _load_data(model_bytes: bytes, calib, samples: int) -> tuple[dict, dict]:
-    """(check data: up to ``samples`` samples, timing feed: one sample)."""
+def _load_data(model_bytes: bytes, calib, samples: int, fit_samples: int | None = None) -> tuple[dict, dict, int | None]:
+    """(check data: up to ``samples`` samples, timing feed: one sample, refinement samples).
+
+    With calibration data the check samples are **held out** from the samples the candidates are
+    refined on (``fit_samples``, the first ones, as :class:`onnxlr.calibrate.Calibrator` reads
+    them): the samples after them, or, when ``fit_samples`` is None (all) or leaves too few, the
+    last ``samples`` with the refinement limited to the ones before. Damages measured on the
+    refinement samples are optimistic for exactly the candidates that fit them best (low ranks),
+    so the allocation would favour them. Only a file with fewer than 2 x ``samples`` samples is
+    scored in-sample (logged). Returns the refinement limit to use (None: all samples)."""
     session = runtime.make_session(model_bytes, threads=1)
     specs = runtime.input_specs(session)
     if calib is not None:
         from onnxlr.calibrate import data_files
 
         data = runtime.load_npz(data_files(calib)[0], specs)
-        data = {k: (v[:samples] if v.ndim else v) for k, v in data.items()}
+        n = min((v.shape[0] for v in data.values() if v.ndim), default=0)
+        fit = n if fit_samples is None else min(int(fit_samples), n)
+        if n - fit >= min(samples, n // 2) and n - fit > 0:
+            start = fit  # the samples after the refinement's
+        elif n >= 2 * samples:
+            start = fit = n - samples  # the last ones; refine on the rest
+        else:
+            start = 0
+            log.info("budget: only %d calibration samples: damage is measured on samples also used to refine", n)
+        if start:
+            log.info("budget: candidates refined on calibration samples 0-%d, damage and checks on %d-%d (held out)",
+                     fit - 1, start, min(start + samples, n) - 1)
+        data = {k: (v[start:start + samples] if v.ndim else v) for k, v in data.items()}
+        fit_samples = fit if start else fit_samples
     else:
         shapes = runtime.resolve_shapes(specs, None, 1)
         data = runtime.random_inputs(specs, shapes, samples, seed=0)
     feed = {k: (v[:1] if v.ndim else v) for k, v in data.items()}
-    return data, feed
+    return data, feed, fit_samples
 
 
 def run_outputs(model: bytes | onnx.ModelProto, data: dict, extra: dict | None = None) -> list[np.ndarray]:
@@ -213,6 +241,29 @@ def run_outputs(model: bytes | onnx.ModelProto, data: dict, extra: dict | None =
         except ValueError:
             outs.append(np.concatenate([x.ravel() for x in p]))
     return outs
+
+
+def softmax_logits(model: onnx.ModelProto) -> dict:
+    """{Softmax input name: dtype} for every graph output made by a Softmax (through Identity
+    nodes), when :data:`ERROR_ON_LOGITS`; else {}."""
+    if not ERROR_ON_LOGITS:
+        return {}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = {}
+    for out in model.graph.output:
+        node = producer.get(out.name)
+        while node is not None and node.op_type == "Identity":
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Softmax":
+            found[node.input[0]] = out.type.tensor_type.elem_type or onnx.TensorProto.FLOAT
+    return found
+
+
+def scored_outputs(plan: Plan, model: bytes | onnx.ModelProto, data: dict) -> list[np.ndarray]:
+    """The outputs errors are measured on: the graph outputs, or the logits of Softmax outputs."""
+    if not plan.logits:
+        return run_outputs(model, data)
+    return run_outputs(model, data, plan.logits)[-len(plan.logits):]
 
 
 def output_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
@@ -242,7 +293,8 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
     base = work.SerializeToString()
     data_aware = config.calib is not None
     samples = DAMAGE_SAMPLES if data_aware else CHECK_SAMPLES
-    check_data, feed = _load_data(base, config.calib, max(samples, CHECK_SAMPLES))
+    check_data, feed, fit_samples = _load_data(base, config.calib, max(samples, CHECK_SAMPLES),
+                                               getattr(config, "calib_samples", None))
     damage_data = {k: (v[:DAMAGE_SAMPLES] if v.ndim else v) for k, v in check_data.items()}
     shapes = g.infer_shapes(work)
     opset = default_opset(work)
@@ -327,9 +379,11 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
     model_ms = latency.time_models([onnx.load_from_string(base)], feed, provider, budget_s=1.0)[0]
     layer_sum = sum(lp.ms or 0 for lp in layers)
     alpha = float(np.clip(model_ms / layer_sum, 0.5, 3.0)) if layer_sum > 0 else 1.0
-    reference_outputs = run_outputs(base, check_data)
-    plan = Plan(base, layers, provider, model_ms, total_macs, data_aware, check_data, feed, reference_outputs,
-                alpha=alpha)
+    plan = Plan(base, layers, provider, model_ms, total_macs, data_aware, check_data, feed, [],
+                alpha=alpha, fit_samples=fit_samples, logits=softmax_logits(work))
+    if plan.logits:
+        log.info("budget: output errors on the logits of the Softmax output(s) %s", ", ".join(plan.logits))
+    plan.reference_outputs = scored_outputs(plan, base, check_data)
     log.info("budget: model %.3f ms, factorizable layers alone %.3f ms, alpha %.2f", model_ms, layer_sum, alpha)
 
     # 3. damage
@@ -364,9 +418,10 @@ def _data_damage(plan: Plan, work, targets, todo, config, damage_data) -> None:
     from onnxlr.calibrate import Calibrator, read_bias, refine_replacement
 
     with _blas1(), _shared_eigh():
-        calibrator = Calibrator(work, [t for _, t in todo], config.calib, config.calib_samples, "symmetric")
+        calibrator = Calibrator(work, [t for _, t in todo], config.calib, plan.fit_samples, "symmetric",
+                                getattr(config, "calib_mask", "auto"))
         by_index = dict(todo)
-        reference = run_outputs(plan.base, damage_data)
+        reference = scored_outputs(plan, plan.base, damage_data)
         n = sum(len(lp.usable()) for lp in plan.layers)
         progress = _Progress("budget: damage on calibration data", n)
         done = 0
@@ -387,7 +442,7 @@ def _data_damage(plan: Plan, work, targets, todo, config, damage_data) -> None:
                 if c.dropped is not None:
                     continue
                 model = build_model(plan, {lp.index: c})
-                c.damage = output_error(reference, run_outputs(model, damage_data)) ** 2
+                c.damage = output_error(reference, scored_outputs(plan, model, damage_data)) ** 2
                 done += 1
                 progress.update(done, lp.name)
             calibrator.release(t)
@@ -465,7 +520,7 @@ def measure(plan: Plan, model: onnx.ModelProto, budget_s: float = MODEL_BUDGET_S
     times = _interleaved([runtime.timed_runner(s, plan.timing_feed) for s in sessions], 5, runs)
     del sessions
     speedup = float(np.median(times[0] / times[1]))
-    error = output_error(plan.reference_outputs, run_outputs(model, plan.check_data))
+    error = output_error(plan.reference_outputs, scored_outputs(plan, model, plan.check_data))
     return speedup, error
 
 

@@ -8,13 +8,22 @@ the tables as markdown.
 
     python tools/bench_budget.py digits --model models/digits_vgg.onnx --out bench/budget
     python tools/bench_budget.py efficientnet-lite0 --out bench/budget --targets 1.2,1.5,2
+
+Every point's model is kept (``--keep``, default ``.cache/budget/<model>/``) and, after the sweep,
+timed again together with the original in one interleaved ``onnxlr.bench`` run (``--runs``
+rounds, the threads of ``ONNXLR_BENCH_THREADS``), which gives each point a second measured
+speedup with its p10-p90 spread (``bench`` in the JSON); the load average is recorded next to it.
+For the real models every task metric of ``tools.real_models.tasks`` is kept per point
+(``metrics``), so the evaluation suite can plot the budget frontier in its own primary metric.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -30,6 +39,7 @@ from onnxlr.compress import CompressConfig
 from onnxlr.sweep import parse_floats, sweep
 
 REAL = ROOT / ".cache" / "real-models"
+log = logging.getLogger("bench_budget")
 METRIC = {"efficientnet-lite0": ("eval_crops", "top1_agreement"), "ppocr-v6-rec": ("eval", "char_accuracy"),
           "all-minilm-l6-v2": ("eval", "mean_cosine")}
 
@@ -53,7 +63,9 @@ def digits_callback(test_npz: Path):
     return evaluate
 
 
-def real_callback(name: str):
+def real_callback(name: str, records: list | None = None):
+    """Primary metric of ``name`` (:data:`METRIC`); every metric of the evaluation goes to
+    ``records`` as ``{"set.metric": value}``, one entry per call."""
     from tools.real_models.tasks import evaluate as task_eval
 
     eval_set, key = METRIC[name]
@@ -62,49 +74,134 @@ def real_callback(name: str):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.onnx"
             onnx.save(model, path)
-            return float(task_eval(name, path, REAL / name)[eval_set][key])
+            result = task_eval(name, path, REAL / name)
+        if records is not None:
+            records.append({f"{s}.{k}": v for s, d in result.items() for k, v in d.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return float(result[eval_set][key])
 
     return evaluate
 
 
-def compare(result: dict) -> list[dict]:
-    """Per budget point: uniform metric interpolated at the same measured speedup."""
-    uni = sorted((p for p in result["points"] if p["kind"] == "uniform"), key=lambda p: p["measured_speedup"])
+def keeping(evaluate, folder: Path, saved: list):
+    """Wrap ``evaluate``: save every model it sees (the original first, then each sweep point in
+    order) to ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("point_*.onnx"):
+        old.unlink()
+
+    def wrapped(model: onnx.ModelProto) -> float:
+        path = folder / f"point_{len(saved):02d}.onnx"
+        onnx.save(model, path)
+        saved.append(path)
+        return evaluate(model)
+
+    return wrapped
+
+
+def retime(original: Path, paths: list[Path], calib: Path, runs: int, int_range: tuple[int, int]) -> dict:
+    """One interleaved ``onnxlr.bench`` run of the original and ``paths`` at the calibration
+    data's batch-1 shapes: per model median speedup with p10-p90, and the load average."""
+    from onnxlr import latency
+    from onnxlr.bench import bench
+
+    with np.load(calib) as data:
+        shapes = {k: [1, *data[k].shape[1:]] for k in data.files}
+    load_before = os.getloadavg()[0]
+    result = bench([str(original)] + [str(p) for p in paths], shapes=shapes, runs=runs, warmup=10, batch=1,
+                   threads=latency.bench_threads(), int_range=int_range).to_dict()
+    rows = result["models"]
+    return {"threads": latency.bench_threads(), "runs": runs, "input_shapes": shapes,
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "original_ms": rows[0]["median_ms"],
+            "points": [{k: r[k] for k in ("median_ms", "speedup", "speedup_p10", "speedup_p90")} for r in rows[1:]]}
+
+
+def add_macs(data: dict, folder: Path, calib: Path) -> None:
+    """Whole-model MACs (every Conv/Gemm/MatMul, from the shapes onnxruntime produces for one
+    calibration sample, as ``tools.eval_suite`` counts them) of the kept models: ``macs`` of the
+    original (``baseline_macs``) and of every point. The sweep's ``macs_fraction`` only covers
+    layers whose shapes are static."""
+    from tools.eval_suite import count_macs
+
+    paths = sorted(folder.glob("point_*.onnx"))
+    if len(paths) != len(data["points"]) + 1:
+        log.info("MACs: %d kept models for %d points in %s: not counted", len(paths), len(data["points"]), folder)
+        return
+    with np.load(calib) as npz:
+        feed = {k: npz[k][:1] for k in npz.files}
+    macs = []
+    for path in paths:
+        model = onnx.load(path)
+        names = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+        macs.append(count_macs(model, {k: v for k, v in feed.items() if k in names}))
+    data["baseline_macs"] = macs[0]
+    for p, m in zip(data["points"], macs[1:]):
+        p["macs"] = m
+
+
+def compare(result: dict, timing: str = "sweep") -> list[dict]:
+    """Per budget point: uniform metric interpolated at the same measured speedup, and the best
+    uniform point at least as fast. ``timing``: "sweep" (the solver's own end-to-end check) or
+    "bench" (the re-timing of all points in one interleaved run)."""
+
+    def speed(p):
+        return p["bench"]["speedup"] if timing == "bench" else p["measured_speedup"]
+
+    uni = sorted((p for p in result["points"] if p["kind"] == "uniform"), key=speed)
     rows = []
     for p in sorted((p for p in result["points"] if p["kind"] == "budget"), key=lambda p: p["setting"]):
-        s = p["measured_speedup"]
-        xs = [u["measured_speedup"] for u in uni]
+        s = speed(p)
+        xs = [speed(u) for u in uni]
         interp = None
         if uni and xs[0] <= s <= xs[-1] and p["metric"] is not None:
             interp = float(np.interp(s, xs, [u["metric"] for u in uni]))
-        faster = [u for u in uni if u["measured_speedup"] >= s and u["metric"] is not None]
+        faster = [u for u in uni if speed(u) >= s and u["metric"] is not None]
         best = max(faster, key=lambda u: u["metric"]) if faster else None
-        rows.append({"target": p["setting"], "predicted": p["predicted_speedup"], "measured": s,
+        rows.append({"timing": timing, "target": p["setting"], "predicted": p["predicted_speedup"], "measured": s,
                      "within_15pct": abs(s - p["predicted_speedup"]) <= 0.15 * p["predicted_speedup"],
                      "at_or_above_target": s >= p["setting"], "error": p["error"], "metric": p["metric"],
                      "uniform_interp_metric": interp,
                      "best_uniform_at_least_as_fast": None if best is None else
-                     {"rank": best["setting"], "speedup": best["measured_speedup"], "metric": best["metric"]}})
+                     {"rank": best["setting"], "speedup": speed(best), "metric": best["metric"]}})
     return rows
 
 
 def markdown(name: str, result: dict, rows: list[dict]) -> str:
     base = result["baseline_metric"]
+    b = result.get("bench")
+    la = result.get("load_average")
     out = [f"### {name}", "", (f"original metric {base:.4f}; {result['provider']}; "
-           f"{'data-aware' if result['data_aware'] else 'data-free'} damage; sweep {result['seconds']:.0f} s"), "",
-           "| kind | setting | layers | MACs | predicted | measured | output error | metric |",
-           "|---|---|---|---|---|---|---|---|"]
+           f"{'data-aware' if result['data_aware'] else 'data-free'} damage; sweep {result['seconds']:.0f} s"
+           + (f"; {result.get('threads')} thread(s)" if result.get("threads") else "")
+           + (f"; load average {la[0]:.1f} -> {la[1]:.1f}" if la else "")
+           + (f"; re-timed in one interleaved run of {b['runs']} rounds (load average "
+              f"{b['load_average'][0]:.1f} -> {b['load_average'][1]:.1f}), original {b['original_ms']:.2f} ms"
+              if b else "")), "",
+           "| kind | setting | layers | MACs | predicted | measured (sweep) | re-timed (p10-p90) | output error | metric |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
         setting = f"{p['setting']:g}x" if p["kind"] == "budget" else f"rank {p['setting']:g}"
         pred = f"{p['predicted_speedup']:.2f}x" if p["predicted_speedup"] else "-"
-        out.append(f"| {p['kind']} | {setting} | {p['layers_replaced']} | {p['macs_fraction']:.2f} | {pred} | "
-                   f"{p['measured_speedup']:.2f}x | {p['error']:.4f} | {p['metric']:.4f} |")
-    out += ["", "| target | predicted | measured | within 15% | >= target | budget metric | uniform at same speedup |",
-            "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        u = "-" if r["uniform_interp_metric"] is None else f"{r['uniform_interp_metric']:.4f}"
-        out.append(f"| {r['target']:g}x | {r['predicted']:.2f}x | {r['measured']:.2f}x | {r['within_15pct']} | "
-                   f"{r['at_or_above_target']} | {r['metric']:.4f} | {u} |")
+        pb = p.get("bench")
+        rt = f"{pb['speedup']:.2f}x ({pb['speedup_p10']:.2f}-{pb['speedup_p90']:.2f})" if pb else "-"
+        macs = (f"{result['baseline_macs'] / p['macs']:.2f}x fewer" if p.get("macs") and result.get("baseline_macs")
+                else f"{p['macs_fraction']:.2f}")
+        out.append(f"| {p['kind']} | {setting} | {p['layers_replaced']} | {macs} | {pred} | "
+                   f"{p['measured_speedup']:.2f}x | {rt} | {p['error']:.4f} | {p['metric']:.4f} |")
+    tables = [("sweep", rows)] + ([("re-timed", compare(result, "bench"))] if b else [])
+    for what, rs in tables:
+        out += ["", f"Speedups {what}:", "",
+                ("| target | predicted | measured | error | within 15% | >= target | budget metric "
+                 "| uniform at same speedup | best uniform at least as fast |"),
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in rs:
+            u = "-" if r["uniform_interp_metric"] is None else f"{r['uniform_interp_metric']:.4f}"
+            bu = r["best_uniform_at_least_as_fast"]
+            bu = "-" if bu is None else f"rank {bu['rank']:g}: {bu['speedup']:.2f}x, {bu['metric']:.4f}"
+            err = (r["measured"] - r["predicted"]) / r["predicted"]
+            out.append(f"| {r['target']:g}x | {r['predicted']:.2f}x | {r['measured']:.2f}x | {100 * err:+.1f}% | "
+                       f"{r['within_15pct']} | {r['at_or_above_target']} | {r['metric']:.4f} | {u} | {bu} |")
     return "\n".join(out)
 
 
@@ -120,7 +217,26 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/budget"))
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--fractions", default=None, help="budget candidate grid (default: onnxlr.budget.FRACTIONS)")
+    p.add_argument("--keep", type=Path, default=None, help="where the points' models go (default .cache/budget/<tag>)")
+    p.add_argument("--runs", type=int, default=100, help="interleaved rounds of the re-timing (0: none)")
+    p.add_argument("--int-range", default=None,
+                   help="LO:HI, integer inputs of the re-timing (default 0:2 for all-minilm-l6-v2, else 0:100)")
+    p.add_argument("--render", action="store_true", help="only rewrite <out>/<name>.md from <out>/<name>.json")
     args = p.parse_args(argv)
+    if args.render:
+        tag = args.name + ("-datafree" if args.data_free else "")
+        data = json.loads((args.out / f"{tag}.json").read_text())
+        if "baseline_macs" not in data:
+            model = args.model or (ROOT / "models" / "digits_vgg.onnx" if args.name == "digits" else REAL / args.name / "model.onnx")
+            calib = args.calib or (model.with_name("digits_vgg_calib.npz") if args.name == "digits"
+                                   else REAL / args.name / "calib.npz")
+            add_macs(data, args.keep or ROOT / ".cache" / "budget" / tag, calib)
+        data["comparison"] = compare(data)
+        (args.out / f"{tag}.json").write_text(json.dumps(data, indent=2))
+        md = markdown(tag, data, data["comparison"])
+        (args.out / f"{tag}.md").write_text(md + "\n")
+        print(md)
+        return 0
     if args.fractions:
         from onnxlr import budget
 
@@ -133,7 +249,16 @@ def main(argv=None) -> int:
     else:
         model = args.model or REAL / args.name / "model.onnx"
         calib = args.calib or REAL / args.name / "calib.npz"
-        evaluate = real_callback(args.name)
+        evaluate = None
+    tag = args.name + ("-datafree" if args.data_free else "")
+    records: list = []
+    if args.name != "digits":
+        evaluate = real_callback(args.name, records)
+    saved: list = []
+    evaluate = keeping(evaluate, args.keep or ROOT / ".cache" / "budget" / tag, saved)
+    int_range = tuple(int(x) for x in (args.int_range or ("0:2" if args.name == "all-minilm-l6-v2" else "0:100"))
+                      .split(":"))
+    load_start = os.getloadavg()[0]
     config = CompressConfig(calib=None if args.data_free else str(calib),
                             calib_samples=None if args.data_free else args.calib_samples,
                             cache_dir=args.cache_dir)
@@ -141,16 +266,29 @@ def main(argv=None) -> int:
     result = sweep(str(model), parse_floats(args.targets, "--targets"), uniform=parse_floats(args.uniform, "--uniform"),
                    evaluate=evaluate, config=config)
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = args.name + ("-datafree" if args.data_free else "")
     data = result.to_dict()
+    data["threads"] = __import__("onnxlr.latency", fromlist=["x"]).bench_threads()
+    data["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    data["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    data["model_sha256"] = hashlib.sha256(Path(model).read_bytes()).hexdigest()
+    if records:
+        data["baseline_metrics"] = records[0]
+        for p, r in zip(data["points"], records[1:]):
+            p["metrics"] = r
+    if args.runs and len(saved) > 1:
+        log.info("re-timing the original and %d points (%d rounds)", len(saved) - 1, args.runs)
+        data["bench"] = retime(saved[0], saved[1:], Path(calib), args.runs, int_range)
+        for p, b in zip(data["points"], data["bench"]["points"]):
+            p["bench"] = b
+    add_macs(data, args.keep or ROOT / ".cache" / "budget" / tag, Path(calib))
     rows = compare(data)
     data["comparison"] = rows
     (args.out / f"{tag}.json").write_text(json.dumps(data, indent=2))
-    result.plot(args.out / f"{tag}.png", title=f"{args.name}: budgeted allocation vs uniform rank")
+    result.plot(args.out / f"{tag}_frontier.png", title=f"{args.name}: budgeted allocation vs uniform rank")
     md = markdown(tag, data, rows)
     (args.out / f"{tag}.md").write_text(md + "\n")
     print(md)
-    print(f"\n{time.perf_counter() - t0:.0f} s; wrote {args.out}/{tag}.json, .png, .md")
+    print(f"\n{time.perf_counter() - t0:.0f} s; wrote {args.out}/{tag}.json, _frontier.png, .md")
     return 0
 
 

@@ -27,6 +27,13 @@ measured so far.
     python -m tools.eval_suite --retime              # time the cached models again, nothing else
     python -m tools.eval_suite --render              # redraw README.md and plots from the JSON
     python -m tools.eval_suite --list                # the grid and the models
+    python -m tools.eval_suite --budget              # budget sweeps -> docs/budget/, then render
+
+Budget frontier: ``--budget`` runs ``tools/bench_budget.py`` for each model (targets and uniform
+fractions from ``BUDGET`` below; ``ONNXLR_BENCH_THREADS`` defaults to 1 there; one plan per model, every point built, measured, scored on the
+same task metric and re-timed in one interleaved run) and writes ``docs/budget/<model>.json``.
+Rendering reads those files: each model's table gets the budget rows and the uniform-rank rows of
+that sweep (ranks refined on the same calibration data), and its plot both frontiers as lines.
 
 Run time on the shared 2-core machine (load average 12-16 from other jobs): the full grid took
 about 11 min (EfficientNet), 18 min (PP-OCR), 16 min (MiniLM) and 25 min (digits); the
@@ -167,6 +174,89 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
               shown=("eval.mean_cosine", "eval.min_cosine"), classifier=False, verify_samples=159,
               int_range=(0, 2)),  # token_type_ids must be 0 or 1
 )}
+
+
+# ----------------------------------------------------------------------------- budget frontier
+BUDGET_DIR = ROOT / "docs" / "budget"
+# per model: tools/bench_budget.py name, target speedups it can reach, uniform rank fractions
+BUDGET: dict[str, dict] = {
+    "digits_vgg": {"name": "digits", "targets": "1.5,2,3", "uniform": "0.25,0.5", "calib_samples": 32},
+    "efficientnet-lite0": {"name": "efficientnet-lite0", "targets": "1.05,1.1,1.2", "uniform": "0.5,0.75"},
+    "ppocr-v6-rec": {"name": "ppocr-v6-rec", "targets": "1.1,1.2,1.3,1.5",
+                     "uniform": "0.25,0.375,0.5,0.625,0.75"},
+    "all-minilm-l6-v2": {"name": "all-minilm-l6-v2", "targets": "1.1,1.2,1.3,1.5",
+                         "uniform": "0.25,0.375,0.5,0.625,0.75"},
+}
+
+
+def budget_file(model: str, folder: Path = BUDGET_DIR) -> Path:
+    return folder / f"{BUDGET[model]['name']}.json" if model in BUDGET else folder / f"{model}.json"
+
+
+def run_budget(model: str, folder: Path = BUDGET_DIR) -> None:
+    """``tools/bench_budget.py`` for one model with its ``BUDGET`` settings."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_budget
+
+    b = BUDGET[model]
+    argv = [b["name"], "--out", str(folder), "--targets", b["targets"], "--uniform", b["uniform"]]
+    if "calib_samples" in b:
+        argv += ["--calib-samples", str(b["calib_samples"])]
+    bench_budget.main(argv)
+
+
+def budget_points(res: dict, folder: Path = BUDGET_DIR) -> dict | None:
+    """The budget sweep of ``res``'s model as plot/table rows in the suite's primary metric:
+    ``{"budget": [...], "uniform": [...], "meta": {...}}``, or None without a sweep file (or
+    without the primary metric in it)."""
+    path = budget_file(res["model"], folder)
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    key = res["primary"]
+    base_metrics = data.get("baseline_metrics") or {}
+    single = data.get("baseline_metric")  # bench_budget's own metric: the primary one?
+    primary_is_single = key in (f"{s}.{m}" for s, m in [_budget_metric(res["model"])])
+
+    def metric(p: dict) -> float | None:
+        if key in (p.get("metrics") or {}):
+            return p["metrics"][key]
+        return p.get("metric") if primary_is_single else None
+
+    rows = {"budget": [], "uniform": []}
+    for p in data["points"]:
+        m = metric(p)
+        if m is None:
+            return None
+        b = p.get("bench")
+        rows[p["kind"]].append({
+            "label": f"budget {p['setting']:g}x" if p["kind"] == "budget" else f"uniform {p['setting']:g} +calib",
+            "setting": p["setting"], "layers": p["layers_replaced"], "macs_fraction": p["macs_fraction"],
+            "macs_fewer": data["baseline_macs"] / p["macs"] if p.get("macs") and data.get("baseline_macs") else None,
+            "predicted": p.get("predicted_speedup"), "sweep_speedup": p["measured_speedup"],
+            "speedup": b["speedup"] if b else p["measured_speedup"],
+            "p10": b["speedup_p10"] if b else None, "p90": b["speedup_p90"] if b else None,
+            "error": p["error"], "metric": m, "metrics": p.get("metrics") or {}})
+    for pts in rows.values():
+        pts.sort(key=lambda r: r["speedup"])
+    base = base_metrics.get(key, single if primary_is_single else None)
+    sha = data.get("model_sha256")
+    return {**rows, "meta": {
+        "file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+        "baseline_metric": base, "date": data.get("date"), "threads": data.get("threads"),
+        "load_average": data.get("load_average"), "retimed": "bench" in data,
+        "retime_load_average": (data.get("bench") or {}).get("load_average"),
+        "seconds": data.get("seconds"),
+        "same_model": None if sha is None else sha == res["baseline"].get("sha256")}}
+
+
+def _budget_metric(model: str) -> tuple[str, str]:
+    if model == "digits_vgg":
+        return ("test", "accuracy")
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_budget import METRIC
+
+    return METRIC.get(model, ("?", "?"))
 
 
 # ------------------------------------------------------------------------------------ progress
@@ -430,7 +520,14 @@ def render_markdown(results: dict) -> str:
              "one model are timed in the same run. Rel. err = ||y - y_orig|| / ||y_orig|| of the "
              "output on held-out samples (`onnxlr.verify`); top-1 agr. = fraction of samples whose "
              "argmax agrees with the original's. A row with 0 layers replaced runs a model identical "
-             "to the original: its speedup shows the timing noise of that run."), ""]
+             "to the original: its speedup shows the timing noise of that run."), "",
+             ("Budget frontier (one table per model, green and purple lines in its plot): "
+              "`python -m tools.eval_suite --budget` runs `tools/bench_budget.py` for every model "
+              "(targets and uniform ranks in `BUDGET` of `tools/eval_suite.py`, single-threaded "
+              "timing unless `ONNXLR_BENCH_THREADS` is set) into `docs/budget/<model>.json` and "
+              "redraws this page; `--budget --models NAME` for one model, `--render` to redraw only. "
+              "Its uniform rows are ranks refined on the calibration data (like `+calib`), measured "
+              "in the same sweep as the budget rows."), ""]
     for name in MODELS:
         res = results.get("models", {}).get(name)
         if not res:
@@ -494,6 +591,7 @@ def render_markdown(results: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         lines += best_within(res, 0.01) + [""]
+        lines += budget_table(res)
         skipped = Counter()
         for r in res["settings"]:
             for reason, n in (r.get("skipped") or {}).items():
@@ -503,6 +601,49 @@ def render_markdown(results: dict) -> str:
             lines += [f"- {n} x {reason}" for reason, n in skipped.most_common(8)]
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def budget_table(res: dict) -> list[str]:
+    """Both frontiers of the model's budget sweep (``docs/budget/<model>.json``)."""
+    key = res["primary"]
+    bp = budget_points(res)
+    if bp is None:
+        return [(f"Budget frontier: no sweep with {key} in `{budget_file(res['model']).relative_to(ROOT)}` "
+                 f"(`python -m tools.eval_suite --budget --models {res['model']}`)."), ""]
+    meta = bp["meta"]
+    base = meta["baseline_metric"]
+    la = meta.get("retime_load_average") or meta.get("load_average")
+    lines = [f"### {res['model']}: budget frontier", "",
+             (f"From `{meta['file']}` (`tools/bench_budget.py`, measured {meta.get('date') or 'before dates were recorded'}"
+              f", {meta.get('threads') or '?'} thread(s)"
+              + (f", load average {la[0]:.1f}-{la[1]:.1f}" if la else "") + "): budgeted allocation "
+              "(`--target-speedup`, data-aware damage) against uniform ranks refined on the same "
+              "calibration data, every point measured end to end against the original"
+              + (" (speedup re-timed in one interleaved run of all points, p10-p90 in brackets; "
+                 "`sweep` is the solver's own check)" if meta["retimed"] else "")
+              + ". Output error: relative L2 on calibration samples held out from the refinement (of the "
+                "logits, for a Softmax output). Budget rows are a separate sweep from the grid above: compare "
+                "speedups within this table."),
+             ""]
+    if meta["same_model"] is False:
+        lines += ["**The sweep was measured on a different model file than the rows above: rerun it.**", ""]
+    extra = [k for k in res.get("shown", []) if any(k in r["metrics"] for r in bp["budget"])]
+    head = ["setting", "layers replaced", "MACs", "predicted", "sweep", "speedup (p10-p90)",
+            "output error (held-out calib)", key, "delta"] + extra
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for kind in ("budget", "uniform"):
+        for r in bp[kind]:
+            sp = (f"{r['speedup']:.2f}x ({r['p10']:.2f}-{r['p90']:.2f})" if r["p10"] is not None
+                  else f"{r['speedup']:.2f}x")
+            cells = [r["label"], str(r["layers"]),
+                     f"{r['macs_fewer']:.2f}x fewer" if r["macs_fewer"] else "-",
+                     f"{r['predicted']:.2f}x" if r["predicted"] else "-", f"{r['sweep_speedup']:.2f}x", sp,
+                     f"{r['error']:.3g}", _fmt_metric(key, r["metric"]),
+                     _delta(key, r["metric"], base) if base is not None else "-"]
+            cells += [_fmt_metric(k, r["metrics"].get(k)) for k in extra]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def best_within(res: dict, drop: float) -> list[str]:
@@ -569,6 +710,23 @@ def plot_model(res: dict, path: Path) -> None:
         placed.append((x / xspan, y / yspan + dy / 300))
         ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, dy), fontsize=7,
                     arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if dy != 4 else None)
+    bp = budget_points(res)
+    if bp is not None:
+        for kind, style, color, name in (("budget", "D-", "tab:green", "budget frontier (--target-speedup)"),
+                                         ("uniform", "s--", "tab:purple", "uniform rank +calib (same sweep)")):
+            pts = bp[kind]
+            if not pts:
+                continue
+            ax.plot([r["speedup"] for r in pts], [r["metric"] * scale for r in pts], style, color=color,
+                    ms=5, lw=1.2, label=name)
+            for r in pts:
+                if r["p10"] is not None:
+                    ax.errorbar([r["speedup"]], [r["metric"] * scale],
+                                xerr=[[r["speedup"] - r["p10"]], [r["p90"] - r["speedup"]]], fmt="none",
+                                color=color, capsize=2, lw=0.6, alpha=0.7)
+                tag = f"{r['setting']:g}x" if kind == "budget" else f"r={r['setting']:g}"
+                ax.annotate(tag, (r["speedup"], r["metric"] * scale), textcoords="offset points",
+                            xytext=(4, -10), fontsize=7, color=color)
     ax.plot([], [], "o", color="tab:blue", label="data-free")
     if any(r.get("data_aware") for r in res["settings"]):
         ax.plot([], [], "o", color="tab:orange", label="data-aware (+calib)")
@@ -622,6 +780,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the grid and the models, then exit")
     p.add_argument("--render", action="store_true",
                    help="only redraw README.md and the plots from results.json")
+    p.add_argument("--budget", action="store_true",
+                   help="run the budget sweeps (tools/bench_budget.py, settings in BUDGET) into "
+                        "docs/budget/, then redraw README.md and the plots")
     p.add_argument("--retime", action="store_true",
                    help="only time the cached models of results.json again (all rows in one run)")
     args = p.parse_args(argv)
@@ -645,6 +806,16 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     started = time.perf_counter()
+    if args.budget:
+        # the published sweeps are single-threaded: steadier ratios on a shared machine
+        os.environ.setdefault("ONNXLR_BENCH_THREADS", "1")
+        for name in args.models or list(BUDGET):
+            if not MODELS[name].exists():
+                say(f"{name}: {MODELS[name].path} or its data is missing; skipped")
+                continue
+            say(f"{name}: budget sweep ({BUDGET[name]})")
+            run_budget(name)
+        args.render = True
     if args.render:
         write_outputs(json.loads((out / "results.json").read_text()), out, merge=False)
         return 0
