@@ -1,32 +1,39 @@
 """Train the bundled demo model: a small VGG-style CNN on scikit-learn's digits.
 
-The model is deliberately over-parameterized (64-64-128-128-256-256 3x3 convs on 32x32 inputs,
-then 4096 -> 256 -> 10), the regime where low-rank factorization pays off. Weight decay pushes
-the weight spectra to decay, so Tucker-2 / SVD truncation loses little accuracy.
+The model is deliberately over-parameterized (64-64-128-128-256-256 3x3 convs on 56x56 inputs,
+a fourth 2x2 max-pool, then 2304 -> 256 -> 10), the regime where low-rank factorization pays off.
+Weight decay pushes the weight spectra to decay, so Tucker-2 / SVD truncation loses little.
 
 Outputs (under --out-dir, default ``models/``):
 
-    digits_vgg.onnx        opset 17, input ``input`` [batch,1,32,32], output ``logits`` [batch,10]
-    digits_vgg_test.npz    held-out test split: ``input`` float32 [N,1,32,32], ``labels`` int64 [N]
+    digits_vgg.onnx        opset 17, input ``input`` [batch,1,R,R], output ``logits`` [batch,10]
+    digits_vgg_test.npz    held-out test split: ``input`` float32 [N,1,R,R], ``labels`` int64 [N]
     digits_vgg_calib.npz   disjoint calibration split, same form (for data-aware compression)
     digits_vgg.md          model card: architecture, data, accuracy, latency, truncation check
 
 PyTorch and scikit-learn are tool-only dependencies (``pip install .[tools]``); the onnxlr
 package never imports them. Run from the repository root::
 
-    python tools/train_digits_vgg.py --out-dir models --epochs 15 --seed 0
+    python tools/train_digits_vgg.py --out-dir models --epochs 15 --seed 0 --lr 0.05 \
+        --weight-decay 0.0005 --resolution 56 --nuclear-weight 0.1 --device cuda
 
-``--nuclear-weight L`` adds a scale-free nuclear-norm penalty (low multilinear rank of each conv's
-two channel modes, low rank of the 4096->256 FC) to make data-free truncation lossless-er;
-``--init-onnx PATH --no-batchnorm`` starts from an exported model (penalized fine-tuning).
+R is ``--resolution`` (default 56). ``--nuclear-weight L`` adds a scale-free nuclear-norm penalty
+(low multilinear rank of each conv's two channel modes, low rank of the first FC) to make
+data-free truncation lossless-er; ``--init-onnx PATH --no-batchnorm`` starts from an exported
+model (penalized fine-tuning). ``--device cuda`` trains on a GPU (seconds instead of an hour on
+2 CPU cores); ``--evaluate-onnx PATH`` then writes the exported model, the splits and the card
+(accuracy, CPU latency, truncation check) on the machine that will serve it: the bundled model
+was made that way, see its card.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -41,8 +48,9 @@ from torch import nn
 
 log = logging.getLogger("train_digits_vgg")
 
-RESOLUTION = 32
+RESOLUTION = 56  # default of --resolution: about 5-7 ms batch-1 in ORT on 2 cores
 CONV_WIDTHS = ((64, 64), (128, 128), (256, 256))  # one tuple per stage, 2x2 max-pool after each
+HEAD_POOLS = 1  # extra 2x2 max-pools before the flatten (keep the first FC, and models/, small)
 HIDDEN = 256
 NUM_CLASSES = 10
 TEST_FRACTION = 0.30
@@ -110,8 +118,8 @@ def random_shift(x: torch.Tensor, max_px: int, background: float) -> torch.Tenso
 # ----------------------------------------------------------------------------- model
 
 
-def build_model(batchnorm: bool = True) -> nn.Sequential:
-    """VGG-style: [conv3x3(-BN)-ReLU x2, maxpool] x3, flatten, FC-ReLU-dropout, FC.
+def build_model(batchnorm: bool = True, size: int = RESOLUTION) -> nn.Sequential:
+    """VGG-style: [conv3x3(-BN)-ReLU x2, maxpool] x3, maxpool, flatten, FC-ReLU-dropout, FC.
 
     BatchNorm (folded before export) is the default and gives the bundled model. Without it
     (Kaiming init, conv bias) the model trains as accurately but, in our one try (lr 0.02,
@@ -129,7 +137,8 @@ def build_model(batchnorm: bool = True) -> nn.Sequential:
             layers.append(nn.ReLU(inplace=True))
             c_in = c_out
         layers.append(nn.MaxPool2d(2))
-    spatial = RESOLUTION // 2 ** len(CONV_WIDTHS)
+    layers += [nn.MaxPool2d(2) for _ in range(HEAD_POOLS)]
+    spatial = size // 2 ** (len(CONV_WIDTHS) + HEAD_POOLS)
     layers += [
         nn.Flatten(),
         nn.Linear(c_in * spatial * spatial, HIDDEN),
@@ -153,7 +162,9 @@ def load_onnx_weights(model: nn.Sequential, path: Path) -> None:
         for node, mod in zip(nodes, mods):
             w = torch.from_numpy(inits[node.input[1]].copy())
             if w.shape != mod.weight.shape:
-                raise ValueError(f"{node.name}: weight {tuple(w.shape)} != {tuple(mod.weight.shape)}")
+                raise ValueError(
+                    f"{node.name}: weight {tuple(w.shape)} != {tuple(mod.weight.shape)}"
+                )
             mod.weight.copy_(w)
             mod.bias.copy_(torch.from_numpy(inits[node.input[2]].copy()))
 
@@ -237,10 +248,10 @@ def nuclear_penalty(model: nn.Sequential) -> torch.Tensor:
 
     For each conv weight W [T,S,k,k] (c_in > 1, BatchNorm folded in): ||W_(0)||_* / ||W||_F +
     ||W_(1)||_* / ||W||_F, with W_(0) the T x (S*k*k) and W_(1) the S x (T*k*k) unfoldings (the two
-    channel modes Tucker-2 truncates); for the 4096->256 Linear weight: ||W||_* / ||W||_F. The
+    channel modes Tucker-2 truncates); for the first Linear weight: ||W||_* / ||W||_F. The
     ratio lies in [1, sqrt(rank)] and is invariant to the layer's scale.
     """
-    total = torch.zeros(())
+    total = None
     for _, w in effective_weights(model):
         # ||A||_* / ||W||_F = sum_i sqrt(eig_i(A A^T / ||W||_F^2)); eigvalsh of the small Gram
         # matrix (<= 256 x 256) is much cheaper on CPU than an SVD of the wide unfolding.
@@ -252,7 +263,8 @@ def nuclear_penalty(model: nn.Sequential) -> torch.Tensor:
             mats = [w]
         for a in mats:
             eig = torch.linalg.eigvalsh((a @ a.T) / fro2)
-            total = total + eig.clamp_min(1e-8).sqrt().sum()
+            term = eig.clamp_min(1e-8).sqrt().sum()
+            total = term if total is None else total + term
     return total
 
 
@@ -265,6 +277,7 @@ def train(
     weight_decay: float,
     batch_size: int = 64,
     nuclear_weight: float = 0.0,
+    device: str = "cpu",
 ) -> float:
     """SGD + Nesterov momentum with one-cycle LR and label smoothing; returns seconds spent."""
     gen = torch.Generator().manual_seed(seed)
@@ -285,8 +298,8 @@ def train(
         total = 0.0
         for s in range(steps):
             b = perm[s * batch_size : (s + 1) * batch_size]
-            xb = random_shift(x[b], MAX_SHIFT_PX, background)
-            loss = F.cross_entropy(model(xb), y[b], label_smoothing=0.1)
+            xb = random_shift(x[b], MAX_SHIFT_PX, background).to(device)
+            loss = F.cross_entropy(model(xb), y[b].to(device), label_smoothing=0.1)
             if nuclear_weight > 0:
                 loss = loss + nuclear_weight * nuclear_penalty(model)
             opt.zero_grad(set_to_none=True)
@@ -312,15 +325,24 @@ def train(
 @torch.no_grad()
 def torch_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     model.eval()
-    pred = model(torch.from_numpy(x)).argmax(1).numpy()
+    device = next(model.parameters()).device
+    pred = model(torch.from_numpy(x).to(device)).argmax(1).cpu().numpy()
     return float((pred == y).mean())
 
 
 # ----------------------------------------------------------------------------- export / ORT
 
 
-def export_onnx(model: nn.Module, path: Path) -> None:
-    dummy = torch.zeros(1, 1, RESOLUTION, RESOLUTION)
+TRAINING_KEY = "digits_vgg.training"  # metadata_props entry: JSON of how the model was trained
+
+
+def export_onnx(
+    model: nn.Module, path: Path, size: int = RESOLUTION, training: dict | None = None
+) -> None:
+    """Export opset 17 with a dynamic batch; ``training`` (command, arguments, seconds, device,
+    torch version) is stored as JSON in the model's metadata_props so that ``--evaluate-onnx``
+    can write the card of a model trained elsewhere (on a GPU, say)."""
+    dummy = torch.zeros(1, 1, size, size)
     torch.onnx.export(
         model,
         dummy,
@@ -333,7 +355,18 @@ def export_onnx(model: nn.Module, path: Path) -> None:
         do_constant_folding=True,
     )
     m = onnx.load(str(path))
+    if training is not None:
+        onnx.helper.set_model_props(m, {TRAINING_KEY: json.dumps(training, sort_keys=True)})
+        onnx.save(m, str(path))
     onnx.checker.check_model(m, full_check=True)
+
+
+def read_training(path: Path) -> dict:
+    m = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in m.metadata_props}
+    if TRAINING_KEY not in props:
+        raise SystemExit(f"{path}: no {TRAINING_KEY} metadata (not exported by this script)")
+    return json.loads(props[TRAINING_KEY])
 
 
 def ort_session(model: onnx.ModelProto | str | Path, threads: int = 2) -> ort.InferenceSession:
@@ -349,10 +382,13 @@ def ort_accuracy(model: onnx.ModelProto | str | Path, x: np.ndarray, y: np.ndarr
     return float((logits.argmax(1) == y).mean())
 
 
-def ort_latency_ms(path: Path, runs: int = 100, warmup: int = 10) -> tuple[float, float]:
-    """Median and 10th-percentile batch-1 latency in milliseconds."""
+def ort_latency_ms(
+    path: Path, size: int = RESOLUTION, runs: int = 100, warmup: int = 10
+) -> tuple[float, float, float]:
+    """Median and 10th-percentile batch-1 latency in milliseconds, and the 1-minute load average
+    when the timing ended (the machine may be shared: the card says how loaded it was)."""
     sess = ort_session(path)
-    x = np.zeros((1, 1, RESOLUTION, RESOLUTION), np.float32)
+    x = np.zeros((1, 1, size, size), np.float32)
     for _ in range(warmup):
         sess.run(None, {"input": x})
     times = []
@@ -360,7 +396,7 @@ def ort_latency_ms(path: Path, runs: int = 100, warmup: int = 10) -> tuple[float
         t = time.perf_counter()
         sess.run(None, {"input": x})
         times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times)), float(np.percentile(times, 10))
+    return float(np.median(times)), float(np.percentile(times, 10)), os.getloadavg()[0]
 
 
 # ----------------------------------------------------------------------------- truncation check
@@ -437,12 +473,17 @@ def truncate_model(
 
 
 def truncation_check(
-    path: Path, x: np.ndarray, y: np.ndarray, conv_fractions=(0.5, 0.375, 0.25), fc_fraction=0.25
+    path: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    conv_fractions=(0.5, 0.375, 0.25),
+    fc_fraction=0.25,
+    size: int = RESOLUTION,
 ) -> list[TruncationResult]:
     model = onnx.load(str(path))
     results = []
     for frac in conv_fractions:
-        m, r = truncate_model(model, frac, fc_fraction)
+        m, r = truncate_model(model, frac, fc_fraction, size)
         acc = ort_accuracy(m, x, y)
         results.append(dataclasses.replace(r, accuracy=acc))
         log.info(
@@ -460,8 +501,13 @@ def truncation_check(
 # ----------------------------------------------------------------------------- model card
 
 
-def layer_table(model: nn.Sequential) -> str:
-    macs = count_macs(model)
+def fc_name(model: nn.Sequential) -> str:
+    fc = next(m for m in model if isinstance(m, nn.Linear))
+    return f"{fc.in_features}->{fc.out_features}"
+
+
+def layer_table(model: nn.Sequential, size: int) -> str:
+    macs = count_macs(model, size)
     rows = ["| # | layer | params | MACs |", "|---|---|---:|---:|"]
     for name, m in model.named_children():
         if isinstance(m, nn.Conv2d):
@@ -485,7 +531,8 @@ def write_card(
     stats: dict,
     truncation: list[TruncationResult],
 ) -> None:
-    macs = count_macs(model)
+    size = args.resolution
+    macs = count_macs(model, size)
     conv_macs = sum(v for k, v in macs.items() if isinstance(model[int(k)], nn.Conv2d))
     trunc_rows = "\n".join(
         f"| {r.conv_fraction:.3f} | {r.fc_fraction:.2f} | "
@@ -507,7 +554,7 @@ Low-rank training penalty (`--nuclear-weight {args.nuclear_weight}`): the loss a
 lambda * sum over layers of ||W_(0)||_* / ||W||_F + ||W_(1)||_* / ||W||_F for every 3x3 conv with
 more than one input channel (W = the conv weight with its BatchNorm scale folded in, as exported;
 W_(0) the out x (in*3*3) and W_(1) the in x (out*3*3) unfoldings, the two channel modes Tucker-2
-truncates) plus ||W||_* / ||W||_F for the 4096->256 FC weight. Dividing by the Frobenius norm makes
+truncates) plus ||W||_* / ||W||_F for the {fc_name(model)} FC weight. Dividing by the Frobenius norm makes
 it scale-free (weight decay or BatchNorm cannot satisfy it by shrinking weights). This is the
 nuclear-norm / "singular value sparsification" way of training compressible networks (e.g.
 Alvarez & Salzmann, "Compression-aware training of deep networks", NeurIPS 2017; Yang et al.,
@@ -518,9 +565,15 @@ few singular values, so data-free truncation loses little.
         if args.nuclear_weight > 0
         else ""
     )
+    repro_note = (
+        " GPU\ntraining is not bit-reproducible even on one machine. `--device cuda` needs a CUDA build"
+        " of\ntorch; without a GPU leave it out: the same recipe runs on the CPU, far slower."
+        if "--device cuda" in stats["command"]
+        else ""
+    )
     text = f"""# digits_vgg: bundled demo model
 
-A VGG-style CNN trained on scikit-learn's 8x8 digits, upsampled to {RESOLUTION}x{RESOLUTION}. It is
+A VGG-style CNN trained on scikit-learn's 8x8 digits, upsampled to {size}x{size}. It is
 deliberately over-parameterized, the regime where low-rank factorization pays off, and it is the
 default demo model for onnxlr. Produced by `tools/train_digits_vgg.py`.
 
@@ -528,8 +581,8 @@ default demo model for onnxlr. Produced by `tools/train_digits_vgg.py`.
 
 | file | contents |
 |---|---|
-| `digits_vgg.onnx` | opset 17; input `input` float32 [batch,1,{RESOLUTION},{RESOLUTION}], output `logits` float32 [batch,10] |
-| `digits_vgg_test.npz` | held-out test split: `input` float32 [{len(splits.y_test)},1,{RESOLUTION},{RESOLUTION}], `labels` int64 [{len(splits.y_test)}] |
+| `digits_vgg.onnx` | opset 17; input `input` float32 [batch,1,{size},{size}], output `logits` float32 [batch,10] |
+| `digits_vgg_test.npz` | held-out test split: `input` float32 [{len(splits.y_test)},1,{size},{size}], `labels` int64 [{len(splits.y_test)}] |
 | `digits_vgg_calib.npz` | disjoint calibration split, same form, {len(splits.y_calib)} samples |
 
 The npz `input` arrays are exactly what the model consumes: no further preprocessing.
@@ -538,7 +591,10 @@ The npz `input` arrays are exactly what the model consumes: no further preproces
 
 {bn_note}
 
-{layer_table(model)}
+{layer_table(model, size)}
+
+The last stage's {size // 8}x{size // 8} map goes through one more 2x2 max-pool (floor) before the
+flatten, which keeps the first FC, and the file, small; nearly all the work is in the convolutions.
 
 Total: **{count_params(model):,} parameters** ({count_params(model) * 4 / 2**20:.1f} MiB fp32),
 **{sum(macs.values()) / 1e6:.1f}M MACs** per image, of which {conv_macs / 1e6:.1f}M
@@ -547,7 +603,7 @@ Total: **{count_params(model):,} parameters** ({count_params(model) * 4 / 2**20:
 ## Data
 
 scikit-learn `load_digits()` (1797 images, 8x8, values 0-16; shipped with scikit-learn, no
-download). Preprocessing: divide by 16, bilinear resize to {RESOLUTION}x{RESOLUTION}
+download). Preprocessing: divide by 16, bilinear resize to {size}x{size}
 (`align_corners=False`), clamp to [0,1], normalize with the train-split statistics
 `(x - {splits.mean:.6f}) / {splits.std:.6f}`.
 
@@ -560,8 +616,8 @@ test {len(splits.y_test)}. Training augmentation: random integer shifts of up to
 
 SGD, Nesterov momentum 0.9, one-cycle LR (peak {args.lr}), weight decay {args.weight_decay}
 (to make the weight spectra decay), batch 64, label smoothing 0.1, dropout 0.3 before the last
-FC, {args.epochs} epochs, seed {args.seed}, `torch.set_num_threads(2)`. Training took
-{stats["train_s"]:.0f} s on 2 CPU cores (torch {torch.__version__}).
+FC, {args.epochs} epochs, seed {args.seed}. Training took {stats["train_s"]:.0f} s on
+{stats["train_device"]}, torch {stats["train_torch"]}.
 {nuclear_note}
     {stats["command"]}
 
@@ -575,13 +631,14 @@ FC, {args.epochs} epochs, seed {args.seed}, `torch.set_num_threads(2)`. Training
 | ORT CPU batch-1 latency, median of {stats["runs"]} runs | **{stats["latency_ms"]:.2f} ms** (p10 {stats["latency_p10_ms"]:.2f} ms) |
 
 Latency: onnxruntime {ort.__version__}, CPUExecutionProvider, default graph optimization,
-`intra_op_num_threads=2`, on the machine that trained the model; it will differ elsewhere.
+`intra_op_num_threads=2`, on the machine that wrote this card ({os.cpu_count()} CPU cores, 1-minute
+load average {stats["load"]:.2f} when the timing ended); it will differ elsewhere.{stats["eval_note"]}
 
 ## Compressibility check
 
 Each 3x3 conv with more than one input channel has its weight replaced in place by its Tucker-2
 (HOSVD on the two channel modes) reconstruction, ranks = ceil to a multiple of 8 of the fraction
-times the channels; the 4096->256 Gemm weight by its truncated SVD. "conv MACs" counts the
+times the channels; the {fc_name(model)} Gemm weight by its truncated SVD. "conv MACs" counts the
 1x1 -> 3x3 -> 1x1 chain a Tucker-2 replacement would run (original conv MACs
 {truncation[0].conv_macs_original / 1e6:.1f}M). Accuracy by onnxruntime on the test split.
 
@@ -597,7 +654,7 @@ This is truncation only, without fine-tuning or data-aware rank selection.
     .venv-tools/bin/pip install torch==2.13.0 scikit-learn onnx onnxruntime numpy
     .venv-tools/bin/{stats["command"]}
 
-Seeds are fixed, but bit-exact weights across machines or torch builds are not guaranteed.
+Seeds are fixed, but bit-exact weights across machines or torch builds are not guaranteed.{repro_note}
 """
     path.write_text(text)
 
@@ -627,7 +684,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="lambda of the scale-free nuclear-norm penalty on the channel-mode unfoldings of each "
-        "conv (c_in > 1) and on the 4096->256 FC weight; 0 disables it",
+        "conv (c_in > 1) and on the first FC weight; 0 disables it",
     )
     p.add_argument(
         "--init-onnx",
@@ -636,8 +693,98 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start from the weights of an exported digits_vgg.onnx (requires --no-batchnorm, "
         "since BatchNorm is folded in the export): penalized fine-tuning",
     )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=RESOLUTION,
+        help="input side the 8x8 digits are resized to",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device to train on (cpu, cuda); export, accuracy and latency run on the CPU",
+    )
+    p.add_argument(
+        "--no-card", action="store_true", help="skip the truncation check and model card"
+    )
+    p.add_argument(
+        "--evaluate-onnx",
+        type=Path,
+        default=None,
+        help="do not train: take a model this script exported (its training arguments are in its "
+        "metadata), write it and the splits to --out-dir, and measure accuracy, latency and "
+        "compressibility on this machine for the card",
+    )
     p.add_argument("--latency-runs", type=int, default=100)
     return p.parse_args(argv)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"one {torch.cuda.get_device_name(device)} GPU"
+    return f"{torch.get_num_threads()} CPU threads"
+
+
+def train_model(args: argparse.Namespace, splits: Splits) -> tuple[nn.Sequential, dict]:
+    """Train as the arguments say; the BatchNorm-folded eval model and its training record."""
+    model = build_model(args.batchnorm, args.resolution)
+    if args.init_onnx is not None:
+        if args.batchnorm:
+            raise SystemExit(
+                "--init-onnx needs --no-batchnorm (the export has BatchNorm folded in)"
+            )
+        load_onnx_weights(model, args.init_onnx)
+        log.info(
+            "initialized from %s: test acc %.4f",
+            args.init_onnx,
+            torch_accuracy(model, splits.x_test, splits.y_test),
+        )
+    log.info(
+        "params %d, MACs %.1fM",
+        count_params(model),
+        sum(count_macs(model, args.resolution).values()) / 1e6,
+    )
+    model.to(args.device)
+    train_s = train(
+        model,
+        splits,
+        args.epochs,
+        args.seed,
+        args.lr,
+        args.weight_decay,
+        nuclear_weight=args.nuclear_weight,
+        device=args.device,
+    )
+    command = (
+        (
+            f"python tools/train_digits_vgg.py --out-dir {args.out_dir} --epochs {args.epochs} "
+            f"--seed {args.seed} --lr {args.lr} --weight-decay {args.weight_decay}"
+            f" --resolution {args.resolution}"
+        )
+        + ("" if args.batchnorm else " --no-batchnorm")
+        + (f" --nuclear-weight {args.nuclear_weight}" if args.nuclear_weight > 0 else "")
+        + (f" --init-onnx {args.init_onnx}" if args.init_onnx is not None else "")
+        + (f" --device {args.device}" if args.device != "cpu" else "")
+    )
+    training = {
+        "command": command,
+        "args": {k: getattr(args, k) for k in TRAINING_ARGS},
+        "train_s": round(train_s, 1),
+        "device": device_name(args.device),
+        "torch": torch.__version__,
+    }
+    return fold_batchnorm(model.cpu()), training
+
+
+TRAINING_ARGS = (
+    "epochs",
+    "seed",
+    "lr",
+    "weight_decay",
+    "batchnorm",
+    "nuclear_weight",
+    "resolution",
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -647,36 +794,37 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = args.out_dir / "digits_vgg.onnx"
 
-    splits = load_splits(args.seed)
+    if args.evaluate_onnx is not None:
+        training = read_training(args.evaluate_onnx)
+        for k, v in training["args"].items():
+            setattr(args, k, v)
+        args.init_onnx = None
+    splits = load_splits(args.seed, args.resolution)
     log.info(
         "splits: train %d, calib %d, test %d",
         len(splits.y_train),
         len(splits.y_calib),
         len(splits.y_test),
     )
-    model = build_model(args.batchnorm)
-    if args.init_onnx is not None:
-        if args.batchnorm:
-            raise SystemExit("--init-onnx needs --no-batchnorm (the export has BatchNorm folded in)")
-        load_onnx_weights(model, args.init_onnx)
-        log.info("initialized from %s: test acc %.4f", args.init_onnx,
-                 torch_accuracy(model, splits.x_test, splits.y_test))
-    log.info("params %d, MACs %.1fM", count_params(model), sum(count_macs(model).values()) / 1e6)
-    train_s = train(
-        model,
-        splits,
-        args.epochs,
-        args.seed,
-        args.lr,
-        args.weight_decay,
-        nuclear_weight=args.nuclear_weight,
-    )
-
-    folded = fold_batchnorm(model)
+    if args.evaluate_onnx is None:
+        folded, training = train_model(args, splits)
+        export_onnx(folded, onnx_path, args.resolution, training)
+        eval_note = ""
+    else:
+        # The export is BatchNorm-folded: a --no-batchnorm model has the folded one's layout.
+        model = build_model(False, args.resolution)
+        load_onnx_weights(model, args.evaluate_onnx)
+        folded = fold_batchnorm(model)
+        if args.evaluate_onnx.resolve() != onnx_path.resolve():
+            onnx_path.write_bytes(args.evaluate_onnx.read_bytes())
+        eval_note = (
+            "\nThe model was trained with the command above and evaluated here (accuracy, latency,"
+            "\ncompressibility, splits written) with\n`python tools/train_digits_vgg.py "
+            f"--out-dir {args.out_dir} --evaluate-onnx PATH --latency-runs {args.latency_runs}`."
+        )
     torch_acc = torch_accuracy(folded, splits.x_test, splits.y_test)
-    onnx_path = args.out_dir / "digits_vgg.onnx"
-    export_onnx(folded, onnx_path)
     ort_acc = ort_accuracy(onnx_path, splits.x_test, splits.y_test)
     calib_acc = ort_accuracy(onnx_path, splits.x_calib, splits.y_calib)
     log.info("test accuracy: torch %.4f, onnxruntime %.4f", torch_acc, ort_acc)
@@ -685,25 +833,24 @@ def main(argv: list[str] | None = None) -> None:
 
     save_npz(args.out_dir / "digits_vgg_test.npz", splits.x_test, splits.y_test)
     save_npz(args.out_dir / "digits_vgg_calib.npz", splits.x_calib, splits.y_calib)
-    latency, p10 = ort_latency_ms(onnx_path, runs=args.latency_runs)
-    log.info("ORT batch-1 latency: median %.2f ms (p10 %.2f ms)", latency, p10)
-    truncation = truncation_check(onnx_path, splits.x_test, splits.y_test)
-
-    command = (
-        f"python tools/train_digits_vgg.py --out-dir {args.out_dir} --epochs {args.epochs} "
-        f"--seed {args.seed} --lr {args.lr} --weight-decay {args.weight_decay}"
-    ) + ("" if args.batchnorm else " --no-batchnorm") + (
-        f" --nuclear-weight {args.nuclear_weight}" if args.nuclear_weight > 0 else ""
-    ) + (f" --init-onnx {args.init_onnx}" if args.init_onnx is not None else "")
+    latency, p10, load = ort_latency_ms(onnx_path, args.resolution, runs=args.latency_runs)
+    log.info("ORT batch-1 latency: median %.2f ms (p10 %.2f ms), load %.2f", latency, p10, load)
+    if args.no_card:
+        return
+    truncation = truncation_check(onnx_path, splits.x_test, splits.y_test, size=args.resolution)
     stats = {
-        "train_s": train_s,
+        "train_s": training["train_s"],
+        "train_device": training["device"],
+        "train_torch": training["torch"],
         "torch_acc": torch_acc,
         "ort_acc": ort_acc,
         "calib_acc": calib_acc,
         "latency_ms": latency,
         "latency_p10_ms": p10,
         "runs": args.latency_runs,
-        "command": command,
+        "load": load,
+        "command": training["command"],
+        "eval_note": eval_note,
     }
     write_card(args.out_dir / "digits_vgg.md", folded, splits, args, stats, truncation)
     log.info("wrote %s", args.out_dir)
