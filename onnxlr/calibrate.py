@@ -598,10 +598,11 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit, hel
     biases = [None if bias is None else bias[gi * t_g : (gi + 1) * t_g] for gi in range(len(weights))]
     free_maps = [np.asarray(r, dtype=np.float64).reshape(r.shape[0], -1) for r in _group_blocks(layer, replacement.low_rank_weight())]
 
-    def candidate(moments, paired_ridge=None):
+    def candidate(moments, paired_ridge=None, shrink=False):
         if replacement.method == "svd":
             rank = replacement.ranks["rank"]
-            out = [refine.whitened_svd(w, b, m, rank, fit_bias, paired_ridge=paired_ridge)
+            out = [refine.whitened_svd(w, b, m, rank, fit_bias, paired_ridge=paired_ridge,
+                                       shrink=refine.shrinkage(m) if shrink else 0.0)
                    for w, b, m in zip(weights, biases, moments)]
             return [q @ p for p, q, _ in out], [nb for _, _, nb in out], out
         if replacement.method == "tucker":
@@ -621,33 +622,37 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit, hel
     before = error(free_maps, biases, check)
     # Candidates: in asymmetric mode, the fit on the (x_c, x_o) pairs (for SVD at each of
     # refine.PAIRED_RIDGES) and the fit on the original inputs alone (more robust when the pairs
-    # are few); in symmetric mode the one fit. The best on held-out rows wins.
+    # are few); in symmetric mode the one fit. SVD fits are also tried with the input covariance
+    # shrunk (refine.shrinkage: few rows for the input width). The best on held-out rows wins.
     paired = fit[0].paired and paired_ok
     ridges = refine.PAIRED_RIDGES if paired and replacement.method == "svd" else (None,)
-    views = [(lambda ms: ms, r) for r in ridges] if paired or not fit[0].paired else []
+    views = [(lambda ms: ms, r, "pairs") for r in ridges] if paired or not fit[0].paired else []
     if fit[0].paired:
-        views.append((lambda ms: [m.original_view() for m in ms], None))
+        views.append((lambda ms: [m.original_view() for m in ms], None, "original"))
+    shrinks = (False, True) if replacement.method == "svd" else (False,)
+    views = [(view, ridge, source, sh) for sh in shrinks for view, ridge, source in views]
     scored = []
-    for i, (view, ridge) in enumerate(views):
-        maps, new_biases, _ = candidate(view(fit), ridge)
+    for i, (view, ridge, _, sh) in enumerate(views):
+        maps, new_biases, _ = candidate(view(fit), ridge, sh)
         scored.append((error(maps, new_biases, check), i))
     after, best = min(scored)
     where = "held-out" if has_held else "calibration"
     if not after < before:
         return replacement, None, f"calib: data-free factors kept ({where} output error {before:.4g} <= data-aware {after:.4g})"
     merged = [f.merged(h) for f, h in zip(fit, held)] if has_held else fit
-    view, ridge = views[best]
-    maps, new_biases, parts = candidate(view(merged), ridge)
+    view, ridge, source, sh = views[best]
+    maps, new_biases, parts = candidate(view(merged), ridge, sh)
     new = _rebuild(layer, replacement, parts)
     bias_out = None
     if fit_bias:
         bias_out = np.concatenate([np.zeros(t_g) if b is None else b for b in new_biases])
-    if not fit[0].paired:
-        how = ""
-    elif best == len(views) - 1:
-        how = " (fit on original inputs)"
-    else:
-        how = " (paired fit)" if len(ridges) == 1 else f" (paired fit, ridge {ridge:g})"
+    how = []
+    if fit[0].paired:
+        how.append("fit on original inputs" if source == "original" else
+                   "paired fit" if ridge is None else f"paired fit, ridge {ridge:g}")
+    if sh:
+        how.append("shrunk covariance")
+    how = f" ({'; '.join(how)})" if how else ""
     return new, bias_out, f"calib: {where} output error {before:.4g} -> {after:.4g}{how}"
 
 

@@ -148,15 +148,27 @@ def _eig(sigma: np.ndarray, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarra
     return eigenvalues, vectors
 
 
+def shrinkage(moments: Moments) -> float:
+    """How far to pull the input covariance towards a multiple of the identity: n / (n + rows).
+
+    With rows not much above the input width n, the sample covariance misses directions that new
+    inputs have (it is singular below n rows), and whitening by it fits the layer to the
+    calibration subspace alone; shrinking its eigenvalues towards their mean (Ledoit-Wolf style)
+    keeps every direction weighted. A rule of thumb, not an estimate: calibration tries the fit
+    with and without it and keeps the better one on held-out rows."""
+    return moments.n / (moments.n + max(moments.count, 1))
+
+
 def whitened_svd(
     w: np.ndarray, b: np.ndarray | None, moments: Moments, rank: int, fit_bias: bool, ridge: float = RIDGE,
-    paired_ridge: float | None = None,
+    paired_ridge: float | None = None, shrink: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(P [R, n], Q [T, R], b') minimizing E||W x_o + b - Q P x_c - b'||^2 over rank R.
 
     ``fit_bias=False``: b' = b (uncentered moments), for layers that cannot take a new bias.
     ``paired_ridge`` (default ``PAIRED_RIDGE``) is the asymmetric correction's ridge, see
-    ``PAIRED_RIDGES``.
+    ``PAIRED_RIDGES``; ``shrink`` in [0, 1] pulls Sigma_cc's eigenvalues towards their mean (see
+    :func:`shrinkage`) before whitening.
     With Sigma_cc = V diag(l) V^T and S = V diag(sqrt l) V^T, the SVD of W* S equals that of
     A = (W* V) diag(sqrt l) up to the orthogonal V^T on the right, so S is never formed:
     A = U s Z^T gives Q = U_R sqrt(s_R) and P = sqrt(s_R) Z_R^T diag(1/sqrt l) V^T.
@@ -164,6 +176,8 @@ def whitened_svd(
     w = np.asarray(w, dtype=np.float64)
     sigma_cc, sigma_co, mu_c, mu_o = moments.stats(centered=fit_bias)
     eigenvalues, v = _eig(sigma_cc, ridge)
+    if shrink > 0:
+        eigenvalues = (1.0 - shrink) * eigenvalues + shrink * float(eigenvalues.mean())
     root = np.sqrt(eigenvalues)
     if moments.paired:  # W*^T = W^T + (Sigma_cc + a I)^{-1} (Sigma_co - Sigma_cc) W^T
         a = PAIRED_RIDGE if paired_ridge is None else paired_ridge

@@ -166,3 +166,24 @@ def test_paired_ridge_shrinks_the_asymmetric_correction_towards_the_original_wei
 def _fit(w, b, moments, rank, ridge):
     p, q, b_new = refine.whitened_svd(w, b, moments, rank, fit_bias=True, paired_ridge=ridge)
     return q @ p, b_new
+
+
+def test_shrunk_covariance_generalizes_when_rows_are_few_for_the_input_width():
+    """40 rows for 64 inputs: whitening by the singular sample covariance fits the calibration
+    subspace alone; shrinking it towards its mean eigenvalue does better on new inputs."""
+    rng = np.random.default_rng(0)
+    n, t, rank = 64, 32, 16
+    w, b = rng.standard_normal((t, n)) * np.logspace(0, -1, n), rng.standard_normal(t)
+    # One distribution, split. Measured over seeds 0-2: shrunk / plain = 0.65-0.72 here; with
+    # 100 rows or strongly anisotropic inputs shrinking can lose, hence the held-out choice.
+    rows = anisotropic_inputs(40 + 4000 + 20000, n, rng, spread=1)
+    fit, held, many = rows[:40], rows[40:4040], rows[4040:]
+    m = moments_of(fit)
+    assert 0.5 < refine.shrinkage(m) < 1  # 64 / (64 + 40)
+    errors = {}
+    for shrink in (0.0, refine.shrinkage(m)):
+        p, q, b_new = refine.whitened_svd(w, b, m, rank, fit_bias=True, shrink=shrink)
+        errors[shrink] = mse(held @ w.T + b, held @ (q @ p).T + b_new)
+    plain, shrunk = errors.values()
+    assert shrunk < 0.8 * plain, errors
+    assert refine.shrinkage(moments_of(many)) < 0.01  # plenty of rows: next to no shrinkage
