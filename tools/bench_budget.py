@@ -105,8 +105,9 @@ def retime(original: Path, paths: list[Path], calib: Path, runs: int, int_range:
     from onnxlr import latency
     from onnxlr.bench import bench
 
-    with np.load(calib) as data:
-        shapes = {k: [1, *data[k].shape[1:]] for k in data.files}
+    inputs = {i.name for i in onnx.load(str(original), load_external_data=False).graph.input}
+    with np.load(calib) as data:  # arrays that are no model input (labels) are left out
+        shapes = {k: [1, *data[k].shape[1:]] for k in data.files if k in inputs}
     load_before = os.getloadavg()[0]
     result = bench([str(original)] + [str(p) for p in paths], shapes=shapes, runs=runs, warmup=10, batch=1,
                    threads=latency.bench_threads(), int_range=int_range).to_dict()

@@ -181,7 +181,7 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
 BUDGET_DIR = ROOT / "docs" / "budget"
 # per model: tools/bench_budget.py name, target speedups it can reach, uniform rank fractions
 BUDGET: dict[str, dict] = {
-    "digits_vgg": {"name": "digits", "targets": "1.5,2,3", "uniform": "0.25,0.5", "calib_samples": 32},
+    "digits_vgg": {"name": "digits", "targets": "1.5,2,3,5,8", "uniform": "0.125,0.25,0.5", "calib_samples": 32},
     "efficientnet-lite0": {"name": "efficientnet-lite0", "targets": "1.05,1.1,1.2", "uniform": "0.5,0.75"},
     "ppocr-v6-rec": {"name": "ppocr-v6-rec", "targets": "1.1,1.2,1.3,1.5",
                      "uniform": "0.25,0.375,0.5,0.625,0.75"},
