@@ -101,6 +101,14 @@ def _linear_model(rng, k=24, hidden=32, out=16, bias=False):
     return model
 
 
+def _token_rows(rng, width=24, seq=5, mean=0.0):
+    """A sampler of [n, seq, width] inputs with one fixed anisotropic covariance (eigenvalues over
+    four decades, in a random basis) and an optional mean: where data-aware fits matter."""
+    basis, _ = np.linalg.qr(rng.standard_normal((width, width)))
+    scales = np.logspace(0, -2, width)
+    return lambda n: ((rng.standard_normal((n, seq, width)) * scales) @ basis.T + mean).astype(np.float32)
+
+
 def _rel(model, ref, feeds_list):
     errs, refs = 0.0, 0.0
     for feeds in feeds_list:
@@ -134,8 +142,7 @@ def test_data_aware_cnn_beats_data_free_on_held_out_data(tmp_path, method, facto
 def test_data_aware_matmul_with_dynamic_batch_and_sample_limit(tmp_path):
     rng = np.random.default_rng(3)
     model = _linear_model(rng)
-    basis, _ = np.linalg.qr(rng.standard_normal((24, 24)))
-    make = lambda n: ((rng.standard_normal((n, 5, 24)) * np.logspace(0, -2, 24)) @ basis.T).astype(np.float32)
+    make = _token_rows(rng)
     np.savez(tmp_path / "calib.npz", x=make(300))
     held = make(40)
     free, _ = compress(model, rank="6", round_to=1)
@@ -150,8 +157,7 @@ def test_matmul_followed_by_a_bias_add_gets_a_refitted_bias(tmp_path, mode):
     layer's bias, and calibration (which centers the inputs) rewrites it."""
     rng = np.random.default_rng(4)
     model = _linear_model(rng, bias=True)
-    basis, _ = np.linalg.qr(rng.standard_normal((24, 24)))
-    make = lambda n: ((rng.standard_normal((n, 5, 24)) * np.logspace(0, -2, 24)) @ basis.T + 2.0).astype(np.float32)
+    make = _token_rows(rng, mean=2.0)
     np.savez(tmp_path / "calib.npz", x=make(200))
     held = make(40)
     free, _ = compress(model, rank="6", round_to=1)
@@ -170,8 +176,7 @@ def test_calibrates_linear_layers_too_big_to_keep_a_reconstruction(tmp_path, mon
     monkeypatch.setattr(svd, "MAX_RECONSTRUCTION_SIZE", 1)
     rng = np.random.default_rng(3)
     model = _linear_model(rng)
-    basis, _ = np.linalg.qr(rng.standard_normal((24, 24)))
-    make = lambda n: ((rng.standard_normal((n, 5, 24)) * np.logspace(0, -2, 24)) @ basis.T).astype(np.float32)
+    make = _token_rows(rng)
     np.savez(tmp_path / "calib.npz", x=make(200))
     held = make(40)
     free, _ = compress(model, rank="6", round_to=1)
@@ -218,12 +223,12 @@ def test_padding_tokens_are_left_out_of_the_statistics(tmp_path):
     the error on real tokens is far lower than with --calib-mask none."""
     rng = np.random.default_rng(5)
     model = _masked_linear_model(rng)
-    basis, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+    tokens = _token_rows(rng, width=16, seq=12)
 
-    def make(n, seq=12):
-        x = ((rng.standard_normal((n, seq, 16)) * np.logspace(0, -2, 16)) @ basis.T).astype(np.float32)
+    def make(n):
+        x = tokens(n)
         lengths = rng.integers(2, 5, size=n)
-        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+        mask = (np.arange(x.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
         x[mask == 0] = 5.0 * rng.standard_normal((int((mask == 0).sum()), 16))  # padding garbage
         return {"x": x, "attention_mask": mask}
 
