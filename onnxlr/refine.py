@@ -180,8 +180,8 @@ def whitened_svd(
         eigenvalues = (1.0 - shrink) * eigenvalues + shrink * float(eigenvalues.mean())
     root = np.sqrt(eigenvalues)
     if moments.paired:  # W*^T = W^T + (Sigma_cc + a I)^{-1} (Sigma_co - Sigma_cc) W^T
-        a = PAIRED_RIDGE if paired_ridge is None else paired_ridge
-        shrunk = eigenvalues + a * float(eigenvalues.mean())
+        alpha = PAIRED_RIDGE if paired_ridge is None else paired_ridge
+        shrunk = eigenvalues + alpha * float(eigenvalues.mean())
         w_star = w + (v @ ((v.T @ ((sigma_co - sigma_cc) @ w.T)) / shrunk[:, None])).T
     else:
         w_star = w
