@@ -43,8 +43,6 @@ model within E.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import heapq
 import logging
 import math
@@ -417,7 +415,7 @@ def _data_damage(plan: Plan, work, targets, todo, config, damage_data) -> None:
     model with that one layer replaced."""
     from onnxlr.calibrate import Calibrator, read_bias, refine_replacement
 
-    with _blas1(), _shared_eigh():
+    with _blas1():
         calibrator = Calibrator(work, [t for _, t in todo], config.calib, plan.fit_samples, "symmetric",
                                 getattr(config, "calib_mask", "auto"))
         by_index = dict(todo)
@@ -447,34 +445,6 @@ def _data_damage(plan: Plan, work, targets, todo, config, damage_data) -> None:
                 progress.update(done, lp.name)
             calibrator.release(t)
         progress.close()
-
-
-@contextlib.contextmanager
-def _shared_eigh():
-    """Every candidate of a layer whitens with the same activation covariance: decompose each
-    covariance once (keyed by its bytes) instead of once per candidate. Restored on exit."""
-    from onnxlr import refine
-
-    original = getattr(refine, "_eig", None)
-    if original is None:
-        yield
-        return
-    memo: dict = {}
-
-    def eig(sigma, *args, **kwargs):
-        key = (hashlib.sha1(np.ascontiguousarray(sigma).view(np.uint8)).hexdigest(), sigma.shape, args,
-               tuple(sorted(kwargs.items())))
-        if key not in memo:
-            if len(memo) > 8:
-                memo.pop(next(iter(memo)))
-            memo[key] = original(sigma, *args, **kwargs)
-        return memo[key]
-
-    refine._eig = eig
-    try:
-        yield
-    finally:
-        refine._eig = original
 
 
 def _blas1():

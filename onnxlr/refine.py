@@ -68,6 +68,8 @@ class Moments:
     cc: np.ndarray = field(init=False)
     co: np.ndarray | None = field(init=False)
     oo: np.ndarray | None = field(init=False)
+    # Derived results for the rows accumulated so far (see whitening); cleared by add().
+    _derived: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         n = self.n
@@ -82,6 +84,7 @@ class Moments:
         xc = np.asarray(x_c, dtype=np.float64)
         if xc.shape[0] == 0:
             return
+        self._derived.clear()
         self.count += xc.shape[0]
         self.sum_c += xc.sum(axis=0)
         self.cc += xc.T @ xc
@@ -101,10 +104,24 @@ class Moments:
         return out
 
     def original_view(self) -> Moments:
-        """The unpaired moments of x_o alone (a symmetric fit inside asymmetric calibration)."""
-        out = Moments(self.n, False)
-        out.count, out.sum_c, out.cc = self.count, self.sum_o, self.oo
-        return out
+        """The unpaired moments of x_o alone (a symmetric fit inside asymmetric calibration); the
+        same object on every call until more rows are added, so its whitening is computed once."""
+        if "original_view" not in self._derived:
+            out = Moments(self.n, False)
+            out.count, out.sum_c, out.cc = self.count, self.sum_o, self.oo
+            self._derived["original_view"] = out
+        return self._derived["original_view"]
+
+    def whitening(self, centered: bool, ridge: float = RIDGE) -> tuple[np.ndarray, ...]:
+        """(Sigma_cc, Sigma_co, mu_c, mu_o, eigenvalues + ridge, eigenvectors) of :meth:`stats`
+        and :func:`_eig`, computed once per (centered, ridge): every candidate fit of a layer
+        (ranks, methods, ridges, shrinkage) whitens with the same covariance. Callers must not
+        modify the arrays."""
+        key = ("whitening", centered, ridge)
+        if key not in self._derived:
+            sigma_cc, sigma_co, mu_c, mu_o = self.stats(centered)
+            self._derived[key] = (sigma_cc, sigma_co, mu_c, mu_o, *_eig(sigma_cc, ridge))
+        return self._derived[key]
 
     # --- normalized statistics -------------------------------------------------------------
 
@@ -174,8 +191,7 @@ def whitened_svd(
     A = U s Z^T gives Q = U_R sqrt(s_R) and P = sqrt(s_R) Z_R^T diag(1/sqrt l) V^T.
     """
     w = np.asarray(w, dtype=np.float64)
-    sigma_cc, sigma_co, mu_c, mu_o = moments.stats(centered=fit_bias)
-    eigenvalues, v = _eig(sigma_cc, ridge)
+    sigma_cc, sigma_co, mu_c, mu_o, eigenvalues, v = moments.whitening(fit_bias, ridge)
     if shrink > 0:
         eigenvalues = (1.0 - shrink) * eigenvalues + shrink * float(eigenvalues.mean())
     root = np.sqrt(eigenvalues)

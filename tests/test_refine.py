@@ -187,3 +187,26 @@ def test_shrunk_covariance_generalizes_when_rows_are_few_for_the_input_width():
     plain, shrunk = errors.values()
     assert shrunk < 0.8 * plain, errors
     assert refine.shrinkage(moments_of(many)) < 0.01  # plenty of rows: next to no shrinkage
+
+
+def test_every_candidate_of_a_layer_shares_one_eigendecomposition(monkeypatch):
+    """Calibration tries up to eight fits per layer and budgets one per rank: the covariance is
+    decomposed once per moments (and once more after new rows arrive)."""
+    calls = []
+    real = refine._eig
+    monkeypatch.setattr(refine, "_eig", lambda sigma, ridge=refine.RIDGE: calls.append(1) or real(sigma, ridge))
+    rng = np.random.default_rng(3)
+    x_o = anisotropic_inputs(500, 10, rng)
+    m = moments_of(x_o + 0.1 * rng.standard_normal(x_o.shape), x_o)
+    w, b = rng.standard_normal((6, 10)), rng.standard_normal(6)
+    first = refine.whitened_svd(w, b, m, 3, fit_bias=True)
+    for rank, ridge, shrink in [(2, 0.1, 0.0), (4, 1.0, 0.5), (3, None, 0.0)]:
+        refine.whitened_svd(w, b, m, rank, fit_bias=True, paired_ridge=ridge, shrink=shrink)
+    refine.whitened_svd(w, b, m.original_view(), 3, fit_bias=True)
+    refine.whitened_svd(w, b, m.original_view(), 2, fit_bias=True)
+    assert len(calls) == 2  # the pairs' covariance, then the original view's
+    again = refine.whitened_svd(w, b, m, 3, fit_bias=True)
+    assert all(np.array_equal(p, q) for p, q in zip(first, again))
+    m.add(x_o[:50], x_o[:50])  # new rows: decomposed afresh
+    refine.whitened_svd(w, b, m, 3, fit_bias=True)
+    assert len(calls) == 3
