@@ -53,8 +53,11 @@ R0 = min(L, M), the EVBMF rank Re and the weakening factor W in (0, 1],
 so W = 1 is plain EVBMF and smaller W moves the rank toward R0 (monotone in W, never above R0).
 Unlike the MUSCO code, Re = 0 is not special-cased: it gives floor((1 - W) R0).
 
-Never zero. The returned ``rank`` is max(R_W, min_rank) (min_rank capped at min(L, M)); when the
-minimum raised it, ``fallback`` is True and ``note`` says why.
+Never zero. Where EVBMF finds signal (Re >= 1) the returned ``rank`` is R_W >= Re >= 1, even when
+that is small: the estimate is what it is. Only where it finds none (Re = 0: pure noise, a zero
+matrix, or a matrix too small for EVB to keep anything) is the rank max(R_W, no_signal_rank)
+(no_signal_rank capped at min(L, M)); when that floor raised it, ``fallback`` is True. ``note``
+says which happened.
 
 Singular values. ``singular_values`` returns all min(L, M) singular values without U or V: the
 Gram matrix of the short side, accumulated in float64, and its eigenvalues (cost L^2 M + L^3).
@@ -90,10 +93,10 @@ _GRID_POINTS = 256
 class EvbmfEstimate:
     """The rank to use for one matrix, what EVBMF itself found, and why they differ."""
 
-    rank: int  # the rank to use (>= min_rank, <= min(shape))
+    rank: int  # the rank to use (1 <= rank <= min(shape))
     signal_rank: int  # the rank EVBMF itself found (may be 0)
     sigma2: float  # estimated noise variance
-    fallback: bool  # True when the rank was raised to min_rank
+    fallback: bool  # True when EVBMF found no signal and the rank was raised to no_signal_rank
     note: str  # one human sentence for reports
 
 
@@ -163,7 +166,9 @@ def _check_weaken(weaken: float) -> None:
         raise ValueError(f"weaken must be in (0, 1] (1 = plain EVBMF), got {weaken!r}")
 
 
-def _check_inputs(values: np.ndarray, shape: tuple[int, int], min_rank: int) -> tuple[int, int]:
+def _check_inputs(
+    values: np.ndarray, shape: tuple[int, int], no_signal_rank: int
+) -> tuple[int, int]:
     if (
         not isinstance(shape, (tuple, list))
         or len(shape) != 2
@@ -184,8 +189,12 @@ def _check_inputs(values: np.ndarray, shape: tuple[int, int], min_rank: int) -> 
         raise ValueError("singular_values must be non-negative (clip Gram round-off to 0 first)")
     if np.any(np.diff(values) > 0):
         raise ValueError("singular_values must be in descending order")
-    if isinstance(min_rank, bool) or not isinstance(min_rank, (int, np.integer)) or min_rank < 1:
-        raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
+    if (
+        isinstance(no_signal_rank, bool)
+        or not isinstance(no_signal_rank, (int, np.integer))
+        or no_signal_rank < 1
+    ):
+        raise ValueError(f"no_signal_rank must be an int >= 1, got {no_signal_rank!r}")
     return small, large
 
 
@@ -241,19 +250,21 @@ def evbmf_rank(
     shape: tuple[int, int],
     *,
     weaken: float = 1.0,
-    min_rank: int = 1,
+    no_signal_rank: int = 1,
 ) -> EvbmfEstimate:
     """EVBMF rank of an L x M matrix from all min(L, M) of its singular values (descending).
 
     ``shape`` may be tall, wide or square. ``weaken`` (W in (0, 1]) applies MUSCO's weakened EVBMF,
-    rank = floor(R0 - W (R0 - Re)) with R0 = min(shape); W = 1 is plain EVBMF. The result is never
-    below ``min_rank`` (capped at min(shape)): when it is raised, ``fallback`` is True.
+    rank = floor(R0 - W (R0 - Re)) with R0 = min(shape); W = 1 is plain EVBMF. Where EVBMF finds
+    signal (Re >= 1) that is the rank. Where it finds none (Re = 0) the rank is at least
+    ``no_signal_rank`` (capped at min(shape)), so it is never 0; when that floor raised it,
+    ``fallback`` is True.
     """
     values = np.asarray(singular_values, dtype=np.float64)
-    small, large = _check_inputs(values, shape, min_rank)
+    small, large = _check_inputs(values, shape, no_signal_rank)
     _check_weaken(weaken)
     weaken = float(weaken)
-    floor_rank = min(int(min_rank), small)
+    floor_rank = min(int(no_signal_rank), small)
 
     gamma2 = values * values
     if gamma2.size and gamma2[0] > 0:
@@ -269,20 +280,20 @@ def evbmf_rank(
     signal = min(signal, max_evb_rank((small, large)))
 
     weak = weakened_rank(signal, small, weaken)
-    rank = max(weak, floor_rank)
-    fallback = weak < floor_rank
+    fallback = signal == 0 and weak < floor_rank
+    rank = floor_rank if fallback else weak
     return EvbmfEstimate(
         rank=rank,
         signal_rank=signal,
         sigma2=float(sigma2),
         fallback=fallback,
-        note=_note(signal, weak, rank, small, weaken, sigma2, fallback, floor_rank, min_rank),
+        note=_note(signal, weak, rank, small, weaken, sigma2, fallback, floor_rank, no_signal_rank),
     )
 
 
 def _note(
     signal: int, weak: int, rank: int, full: int, weaken: float, sigma2: float,
-    fallback: bool, floor_rank: int, min_rank: int,
+    fallback: bool, floor_rank: int, no_signal_rank: int,
 ) -> str:
     if sigma2 == 0.0 and signal == 0:
         found = "The matrix is zero"
@@ -295,6 +306,9 @@ def _note(
     if weaken < 1.0:
         found += f", weakened with W = {weaken:g} to rank {weak}"
     if fallback:
-        capped = f" (min_rank {min_rank} capped at the full rank)" if floor_rank < min_rank else ""
-        return f"{found}; using the minimum rank {rank}{capped}."
+        capped = (
+            f" (no_signal_rank {no_signal_rank} capped at the full rank)"
+            if floor_rank < no_signal_rank else ""
+        )
+        return f"{found}; using the no-signal floor, rank {rank}{capped}."
     return f"{found}; using rank {rank}."

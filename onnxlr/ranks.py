@@ -15,6 +15,11 @@ What "the layer's dimension" means per method:
             other modes' sizes. For energy and EVBMF, CP takes max(R3, R4) of the Tucker-2
             estimates on the two channel unfoldings.
 
+EVBMF uses the rank it finds, however small. Only where it finds no signal above its noise model
+(rank 0: untrained, tiny or noise-like layers) does it use a floor, EVBMF_MIN_FRACTION of the full
+rank (at least 1). Each EVBMF estimate leaves one note per matrix (per channel mode for Tucker-2)
+saying which happened.
+
 Derived ranks (fractions, energy, EVBMF) are rounded up to a multiple of ``round_to`` (never past
 the full dimension); an explicit integer rank is used as given. Both raw and rounded ranks are
 reported.
@@ -25,15 +30,19 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from onnxlr.errors import OnnxlrError
 
+if TYPE_CHECKING:
+    from onnxlr.evbmf import EvbmfEstimate
+
 VALID_FORMS = "an integer N >= 1, a fraction 0 < F <= 1 (e.g. 0.33), energy:E (0 < E <= 1), evbmf, or evbmf:W (0 < W <= 1)"
 
 # When EVBMF finds no signal above the noise it would return rank 0; we use this fraction of the
-# full rank instead (at least 1), and say so in the report.
+# full rank instead (at least 1), and say so in the report. Where it finds signal it is not used.
 EVBMF_MIN_FRACTION = 1 / 8
 
 
@@ -118,24 +127,33 @@ def energy_rank(singular_values: np.ndarray, energy: float) -> int:
     return int(min(len(power), np.searchsorted(kept, energy - 1e-12) + 1))
 
 
-def _evbmf(singular_values: np.ndarray, shape: tuple[int, int], weaken: float, log: RankLog, label: str) -> int:
-    from onnxlr.evbmf import evbmf_rank
-
-    full = min(shape)
-    min_rank = max(1, int(math.ceil(full * EVBMF_MIN_FRACTION)))
-    # A Gram matrix of the long side has more eigenvalues than the matrix has singular values:
-    # the extra ones are zeros.
-    estimate = evbmf_rank(np.asarray(singular_values)[:full], shape, weaken=weaken, min_rank=min_rank)
-    if estimate.fallback:
-        log.notes.append(f"{label}: {estimate.note}")
-    return estimate.rank
+def _evbmf_note(estimates: list[EvbmfEstimate], label: str) -> str:
+    """One note for a matrix role: what EVBMF found and which rank it used (the max over groups)."""
+    chosen = max(estimates, key=lambda e: e.rank)
+    if len(estimates) == 1:
+        return f"{label}: {chosen.note}"
+    empty = sum(e.signal_rank == 0 for e in estimates)
+    return (
+        f"{label}: largest of {len(estimates)} groups ({empty} with no signal): {chosen.note}"
+    )
 
 
 def _spectral_rank(spec: RankSpec, spectra: list[np.ndarray], shape: tuple[int, int], log: RankLog, label: str) -> int:
     """energy / evbmf rank of one matrix shape: the max over the groups' spectra."""
     if spec.kind == "energy":
         return max(energy_rank(s, spec.value) for s in spectra)
-    return max(_evbmf(s, shape, spec.value, log, label) for s in spectra)
+    from onnxlr.evbmf import evbmf_rank
+
+    full = min(shape)
+    floor = max(1, int(math.ceil(full * EVBMF_MIN_FRACTION)))
+    # A Gram matrix of the long side has more eigenvalues than the matrix has singular values:
+    # the extra ones are zeros.
+    estimates = [
+        evbmf_rank(np.asarray(s)[:full], shape, weaken=spec.value, no_signal_rank=floor)
+        for s in spectra
+    ]
+    log.notes.append(_evbmf_note(estimates, label))
+    return max(e.rank for e in estimates)
 
 
 def svd_rank(spec: RankSpec, spectra: list[np.ndarray], shape: tuple[int, int], round_to: int, log: RankLog) -> int:

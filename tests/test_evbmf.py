@@ -111,16 +111,16 @@ def test_conv_tensor_recovers_multilinear_rank(t, s, k, r_out, r_in):
 
 
 @pytest.mark.parametrize("shape", [(64, 576), (576, 64), (128, 128), (7, 1000)])
-def test_pure_noise_falls_back_to_min_rank(shape):
-    est = estimate(np.random.default_rng(5).standard_normal(shape), min_rank=4)
+def test_pure_noise_falls_back_to_the_no_signal_floor(shape):
+    est = estimate(np.random.default_rng(5).standard_normal(shape), no_signal_rank=4)
     assert est.signal_rank == 0
     assert (est.rank, est.fallback) == (4, True)
     assert est.sigma2 == pytest.approx(1.0, rel=SIGMA2_RTOL)
-    assert "no signal" in est.note and "minimum rank 4" in est.note
+    assert "no signal" in est.note and "no-signal floor, rank 4" in est.note
 
 
 def test_zero_matrix_falls_back():
-    est = estimate(np.zeros((16, 40), dtype=np.float32), min_rank=3)
+    est = estimate(np.zeros((16, 40), dtype=np.float32), no_signal_rank=3)
     assert (est.rank, est.signal_rank, est.sigma2, est.fallback) == (3, 0, 0.0, True)
     assert "zero" in est.note
 
@@ -128,13 +128,14 @@ def test_zero_matrix_falls_back():
 def test_constant_matrix_is_rank_one():
     est = estimate(np.full((20, 30), 0.25))
     assert (est.rank, est.signal_rank, est.sigma2, est.fallback) == (1, 1, 0.0, False)
-    raised = estimate(np.full((20, 30), 0.25), min_rank=8)
-    assert (raised.rank, raised.signal_rank, raised.fallback) == (8, 1, True)
+    # the floor is for no signal only: a found rank 1 stays 1
+    same = estimate(np.full((20, 30), 0.25), no_signal_rank=8)
+    assert (same.rank, same.signal_rank, same.fallback) == (1, 1, False)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (2, 2)])
 def test_tiny_matrices_fall_back(shape):
-    est = estimate(np.random.default_rng(2).standard_normal(shape) + 3.0, min_rank=2)
+    est = estimate(np.random.default_rng(2).standard_normal(shape) + 3.0, no_signal_rank=2)
     assert est.rank == min(2, min(shape))
     assert est.signal_rank == 0  # ceil(L M / (L + M)) - 1 == 0 here: EVB cannot keep anything
     assert est.fallback
@@ -143,9 +144,9 @@ def test_tiny_matrices_fall_back(shape):
 
 def test_two_row_matrix_sees_a_strong_offset_but_not_noise():
     noise = np.random.default_rng(2).standard_normal((2, 50))
-    assert estimate(noise, min_rank=2).signal_rank == 0
-    offset = estimate(noise + 3.0, min_rank=2)
-    assert (offset.signal_rank, offset.rank, offset.fallback) == (1, 2, True)
+    assert estimate(noise, no_signal_rank=2).signal_rank == 0
+    offset = estimate(noise + 3.0, no_signal_rank=2)
+    assert (offset.signal_rank, offset.rank, offset.fallback) == (1, 1, False)
 
 
 def test_single_nonzero_singular_value():
@@ -153,8 +154,16 @@ def test_single_nonzero_singular_value():
     assert (est.rank, est.signal_rank, est.sigma2) == (1, 1, 0.0)
 
 
-def test_min_rank_is_capped_at_full_rank():
-    est = estimate(np.random.default_rng(0).standard_normal((3, 8)), min_rank=8)
+@pytest.mark.parametrize("shape, rank", [((64, 576), 2), ((576, 64), 3), ((256, 384), 12)])
+def test_found_rank_below_the_floor_is_used(shape, rank):
+    # the floor replaces "no signal" only; a small rank EVBMF finds is the answer (issue 12)
+    est = estimate(planted(shape, rank, 0.5), no_signal_rank=min(shape) // 8)
+    assert (est.rank, est.signal_rank, est.fallback) == (rank, rank, False)
+    assert f"found rank {rank} of {min(shape)}" in est.note and f"using rank {rank}." in est.note
+
+
+def test_no_signal_rank_is_capped_at_full_rank():
+    est = estimate(np.random.default_rng(0).standard_normal((3, 8)), no_signal_rank=8)
     assert est.rank == 3 and est.fallback and "capped" in est.note
 
 
@@ -184,7 +193,7 @@ def test_weaken_one_is_plain_and_smaller_weaken_is_gentler():
 
 def test_weakening_can_lift_a_fallback():
     sv = singular_values(np.random.default_rng(1).standard_normal((64, 576)))
-    est = evbmf_rank(sv, (64, 576), weaken=0.5, min_rank=8)
+    est = evbmf_rank(sv, (64, 576), weaken=0.5, no_signal_rank=8)
     assert (est.signal_rank, est.rank, est.fallback) == (0, 32, False)
 
 
@@ -198,7 +207,7 @@ def test_weaken_outside_unit_interval_is_rejected(weaken):
 
 
 @pytest.mark.parametrize(
-    "values, shape, min_rank, match",
+    "values, shape, no_signal_rank, match",
     [
         (np.ones(3), (4, 8), 1, "singular values"),
         (np.ones((2, 2)), (2, 8), 1, "singular values"),
@@ -208,13 +217,13 @@ def test_weaken_outside_unit_interval_is_rejected(weaken):
         (np.ones(2), (2,), 1, "shape"),
         (np.ones(2), (0, 8), 1, "shape"),
         (np.ones(2), (2.0, 8), 1, "shape"),
-        (np.ones(2), (2, 8), 0, "min_rank"),
-        (np.ones(2), (2, 8), 1.5, "min_rank"),
+        (np.ones(2), (2, 8), 0, "no_signal_rank"),
+        (np.ones(2), (2, 8), 1.5, "no_signal_rank"),
     ],
 )
-def test_bad_inputs_are_rejected(values, shape, min_rank, match):
+def test_bad_inputs_are_rejected(values, shape, no_signal_rank, match):
     with pytest.raises(ValueError, match=match):
-        evbmf_rank(values, shape, min_rank=min_rank)
+        evbmf_rank(values, shape, no_signal_rank=no_signal_rank)
 
 
 @pytest.mark.parametrize(
@@ -300,12 +309,12 @@ def test_sigma2_is_the_global_minimizer_of_the_paper_objective(shape, rank, nois
     rank_fraction=st.floats(0.0, 1.0),
     noise=st.sampled_from([0.0, 1e-6, 0.01, 0.3, 1.0, 10.0]),
     strength=st.floats(0.0, 20.0),
-    min_rank=st.integers(1, 10),
+    no_signal_rank=st.integers(1, 10),
     weaken=st.floats(0.01, 1.0),
     seed=st.integers(0, 2**16),
 )
 def test_property_rank_is_always_in_range(
-    rows, cols, rank_fraction, noise, strength, min_rank, weaken, seed
+    rows, cols, rank_fraction, noise, strength, no_signal_rank, weaken, seed
 ):
     rank = int(round(rank_fraction * min(rows, cols)))
     rng = np.random.default_rng(seed)
@@ -313,14 +322,17 @@ def test_property_rank_is_always_in_range(
     if rank:
         matrix += planted((rows, cols), rank, 0.0, seed=seed, strength=strength)
     sv = singular_values(matrix)
-    est = evbmf_rank(sv, (rows, cols), weaken=weaken, min_rank=min_rank)
+    est = evbmf_rank(sv, (rows, cols), weaken=weaken, no_signal_rank=no_signal_rank)
     assert 1 <= est.rank <= min(rows, cols)
     assert 0 <= est.signal_rank <= max(max_evb_rank((rows, cols)), 0)
     assert math.isfinite(est.sigma2) and est.sigma2 >= 0
-    floor_rank = min(min_rank, rows, cols)
+    floor_rank = min(no_signal_rank, rows, cols)
     weak = weakened_rank(est.signal_rank, min(rows, cols), weaken)
-    assert est.rank == max(weak, floor_rank)
-    assert est.fallback == (weak < floor_rank)
+    if est.signal_rank:
+        assert (est.rank, est.fallback) == (weak, False)
+    else:
+        assert est.rank == max(weak, floor_rank)
+        assert est.fallback == (weak < floor_rank)
     assert est.note
     # orientation does not matter
-    assert evbmf_rank(sv, (cols, rows), weaken=weaken, min_rank=min_rank) == est
+    assert evbmf_rank(sv, (cols, rows), weaken=weaken, no_signal_rank=no_signal_rank) == est

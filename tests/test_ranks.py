@@ -297,25 +297,28 @@ def test_svd_rank_energy_takes_the_max_over_groups_then_rounds():
 
 def test_svd_rank_evbmf_finds_the_signal_and_rounds():
     rng = np.random.default_rng(1)
-    # true rank 9, above the EVBMF floor ceil(48 / 8) = 6
+    # true rank 9
     matrix = exact_rank_matrix(48, 96, 9, rng) + 1e-3 * rng.standard_normal((48, 96))
     values, _ = left_singular(matrix)
     log = RankLog()
     assert svd_rank(parse_rank("evbmf"), [values], matrix.shape, 8, log) == 16
     assert log.raw == {"rank": 9}
-    assert log.notes == []  # not a fallback
+    assert len(log.notes) == 1 and log.notes[0].startswith("matrix: ")
+    assert "found rank 9 of 48" in log.notes[0] and "using rank 9." in log.notes[0]
     log = RankLog()
     assert svd_rank(parse_rank("evbmf"), [values], matrix.shape, 1, log) == 9
 
 
-def test_svd_rank_evbmf_floor_below_an_eighth_is_noted():
+def test_svd_rank_evbmf_below_an_eighth_is_kept():
+    # the 1/8 floor is for "no signal" only: a found rank 5 < ceil(48 / 8) = 6 is used (issue 12)
     rng = np.random.default_rng(1)
     matrix = exact_rank_matrix(48, 96, 5, rng) + 1e-3 * rng.standard_normal((48, 96))
     values, _ = left_singular(matrix)
     log = RankLog()
-    assert svd_rank(parse_rank("evbmf"), [values], matrix.shape, 1, log) == 6  # ceil(48 / 8)
-    assert log.raw == {"rank": 6}
+    assert svd_rank(parse_rank("evbmf"), [values], matrix.shape, 1, log) == 5
+    assert log.raw == {"rank": 5}
     assert len(log.notes) == 1 and "found rank 5" in log.notes[0]
+    assert "floor" not in log.notes[0]
 
 
 def test_svd_rank_evbmf_fallback_on_pure_noise_is_noted():
@@ -327,7 +330,7 @@ def test_svd_rank_evbmf_fallback_on_pure_noise_is_noted():
     assert rank == minimum == log.raw["rank"]
     assert len(log.notes) == 1
     assert log.notes[0].startswith("matrix: ")
-    assert "minimum rank" in log.notes[0]
+    assert "no signal" in log.notes[0] and f"no-signal floor, rank {minimum}" in log.notes[0]
 
 
 def test_svd_rank_weakened_evbmf_keeps_more():
@@ -383,7 +386,8 @@ def test_tucker_ranks_evbmf_and_its_fallback_notes():
     log = RankLog()
     assert tucker_ranks(parse_rank("evbmf"), [s_out], [s_in], weight.shape, 8, log) == (8, 8)
     assert log.raw == {"rank_out": 6, "rank_in": 6}
-    assert log.notes == []
+    assert [n.split(":")[0] for n in log.notes] == ["output channels", "input channels"]
+    assert all("found rank 6" in n and "floor" not in n for n in log.notes)
 
     noise = rng.standard_normal((32, 32, 3, 3))
     (s_out, _), (s_in, _) = channel_spectra(noise)
@@ -391,6 +395,7 @@ def test_tucker_ranks_evbmf_and_its_fallback_notes():
     r4, r3 = tucker_ranks(parse_rank("evbmf"), [s_out], [s_in], noise.shape, 1, log)
     assert (r4, r3) == (4, 4)  # ceil(32 / 8)
     assert [n.split(":")[0] for n in log.notes] == ["output channels", "input channels"]
+    assert all("no signal" in n and "no-signal floor, rank 4" in n for n in log.notes)
 
 
 @FAST
@@ -442,7 +447,8 @@ def test_cp_rank_energy_and_evbmf_use_the_tucker_estimates():
     (s_out, _), (s_in, _) = channel_spectra(noise)
     log = RankLog()
     assert cp_rank(parse_rank("evbmf"), [s_out], [s_in], noise.shape, 1, log) == 3  # ceil(24/8)
-    assert len(log.notes) == 2  # both Tucker fallbacks reach the CP log
+    assert len(log.notes) == 2  # both Tucker notes reach the CP log
+    assert all("no-signal floor" in n for n in log.notes)
 
 
 # --- through onnxlr.compress: the report shows raw and rounded ranks ------------------------------
