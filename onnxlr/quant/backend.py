@@ -1,0 +1,149 @@
+"""Calls into ``onnxruntime.quantization``: pre-processing, calibration data, the quantizers.
+
+onnxlr does not quantize anything itself. Static mode runs ``quantize_static`` (QDQ format:
+``x -> QuantizeLinear -> DequantizeLinear -> Conv <- DequantizeLinear <- w_int8``, which
+onnxruntime fuses into integer kernels and TensorRT reads as explicit precision); dynamic mode
+runs ``quantize_dynamic`` (``DynamicQuantizeLinear -> MatMulInteger``). Calibration runs once: its
+tensor ranges go to a JSON cache in the work folder, and every later quantization of the same
+model (the sensitivity trials) reads them from there instead of running the data again.
+
+``quant_pre_process`` (shape inference + onnxruntime's basic graph optimizations) can also run
+symbolic shape inference, which needs ``sympy``: when sympy is not installed that part is skipped
+(it matters for transformer models with symbolic dims) and the report says so; onnxlr does not
+depend on sympy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from onnxlr.quant.config import QuantizeConfig, ort_options
+
+log = logging.getLogger("onnxlr")
+
+
+def feed_reader(feeds: Sequence[dict[str, np.ndarray]]):
+    """An onnxruntime ``CalibrationDataReader`` handing out ``feeds`` once, in order."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class FeedReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._feeds: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._feeds, None)
+
+        def __len__(self) -> int:
+            return len(feeds)
+
+    return FeedReader()
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime() -> Iterator[None]:
+    """Hold back onnxruntime.quantization's advice on the root logger (``logging.warning(...)``:
+    "Please consider to run pre-processing", opset notices) while it runs; they go to the onnxlr
+    logger at debug level. Restores everything on exit."""
+    root = logging.getLogger()
+    ort_logger = logging.getLogger("onnxruntime.quantization")
+
+    def divert(record: logging.LogRecord) -> bool:
+        if "onnxruntime" in record.pathname and record.levelno < logging.ERROR:
+            log.debug("onnxruntime: %s", record.getMessage())
+            return False
+        return True
+
+    level = ort_logger.level
+    root.addFilter(divert)
+    ort_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.removeFilter(divert)
+        ort_logger.setLevel(level)
+
+
+def has_sympy() -> bool:
+    return importlib.util.find_spec("sympy") is not None
+
+
+def preprocess(src: Path, dst: Path, *, large: bool) -> tuple[bool, str]:
+    """``quant_pre_process(src) -> dst``; returns (done, note). A failure is not fatal: the model
+    is quantized without pre-processing (copied to ``dst``) and the note says why."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    symbolic = has_sympy()
+    try:
+        with quiet_onnxruntime():
+            quant_pre_process(
+                str(src),
+                str(dst),
+                skip_symbolic_shape=not symbolic,
+                save_as_external_data=large,
+                all_tensors_to_one_file=True,
+                external_data_location=dst.name + ".data" if large else None,
+            )
+    except Exception as exc:  # noqa: BLE001 -- a third-party step; quantization goes on without it
+        shutil.copyfile(src, dst)
+        if large and Path(str(src) + ".data").exists():
+            shutil.copyfile(str(src) + ".data", str(dst) + ".data")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return False, f"onnxruntime's quant_pre_process failed ({first}); quantized without it"
+    if symbolic:
+        return True, "quant_pre_process: symbolic and ONNX shape inference, graph optimization"
+    return True, (
+        "quant_pre_process: ONNX shape inference and graph optimization; symbolic shape "
+        "inference skipped because sympy is not installed (pip install sympy; it helps models "
+        "with symbolic dims, e.g. transformers)"
+    )
+
+
+def run_quantizer(
+    src: Path,
+    dst: Path,
+    config: QuantizeConfig,
+    *,
+    per_channel: bool,
+    calib_feeds: Sequence[dict[str, np.ndarray]],
+    cache: Path,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    large: bool = False,
+) -> Path:
+    """Quantize ``src`` into ``dst`` (static or dynamic per ``config``). ``include`` limits the
+    quantized nodes to those names, ``exclude`` keeps those names in float."""
+    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
+
+    opts = ort_options(config)
+    common = {
+        "op_types_to_quantize": list(config.op_types),
+        "per_channel": per_channel,
+        "reduce_range": config.reduce_range,
+        "weight_type": opts["weight_type"],
+        "nodes_to_quantize": list(include or []),
+        "nodes_to_exclude": list(exclude or []),
+        "use_external_data_format": large,
+    }
+    with quiet_onnxruntime():
+        if config.mode == "dynamic":
+            quantize_dynamic(str(src), str(dst), **common)
+        else:
+            quantize_static(
+                str(src),
+                str(dst),
+                calibration_data_reader=None if cache.is_file() else feed_reader(calib_feeds),
+                quant_format=QuantFormat.QDQ,
+                activation_type=opts["activation_type"],
+                calibrate_method=opts["calibrate_method"],
+                calibration_cache_path=str(cache),
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                **common,
+            )
+    return dst
