@@ -5,10 +5,11 @@
     print(report.to_table())
 """
 
-from onnxlr.compress import CompressConfig, Rule, compress, compress_file
+from onnxlr.config import CompressConfig, Rule
+from onnxlr.pipeline import compress, compress_file
 from onnxlr.errors import OnnxlrError
 from onnxlr.ranks import RankSpec, parse_rank
-from onnxlr.report import CompressReport, LayerReport
+from onnxlr.report.compress import CompressReport, LayerReport
 
 __version__ = "0.1.0"
 

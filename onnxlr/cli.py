@@ -14,6 +14,7 @@ import sys
 from onnxlr.errors import OnnxlrError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+COMMANDS = ("compress", "inspect", "verify", "bench", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,35 +24,32 @@ class _Parser(argparse.ArgumentParser):
         raise OnnxlrError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
-# --- compress -------------------------------------------------------------------------------
+# --- shared argument groups -------------------------------------------------------------------
 
 
-def _add_compress(sub) -> None:
-    p = sub.add_parser("compress", help="factorize the heavy layers of an ONNX model")
-    p.add_argument("model", help="input .onnx file (never modified)")
-    p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
-    from onnxlr.compress import METHODS, CompressConfig
+def _add_selection_options(p) -> None:
+    """Method, ranks and which layers: compress and sweep."""
+    from onnxlr.config import CompressConfig
+    from onnxlr.methods import CHOICES, REGISTRY
 
-    p.add_argument("--method", default="auto", choices=METHODS, help="auto (the default) is svd for "
-                   "Gemm, MatMul and 1x1 convs and tucker for KxK convs")
-    p.add_argument("--rank", default=None, help="N, a fraction F (0.33), energy:E, evbmf or evbmf:W "
-                   f"(default: {CompressConfig().rank})")
+    listing = "; ".join(f"{name}: {method.summary}" for name, method in REGISTRY.items())
+    p.add_argument("--method", default="auto", choices=CHOICES, help="auto (the default) is svd for Gemm, "
+                   f"MatMul and 1x1 convs and tucker for KxK convs; svd on a KxK conv is the channel decomposition. {listing}")
     p.add_argument("--round-to", type=int, default=None, help="round derived ranks (fraction, energy, "
                    "evbmf) up to a multiple of N, capped at the full dimension; integer ranks are kept "
                    f"(default: {CompressConfig().round_to}: onnxruntime CPU's blocked NCHWc convs want "
                    "channel counts in multiples of 8; 1 = no rounding)")
     p.add_argument("--include", action="append", default=[], metavar="REGEX",
-                   help="only layers whose name (or op type) matches; repeatable")
+                   help="only layers whose name, output tensor or op type matches; repeatable")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
-                   help="leave layers whose name (or op type) matches; repeatable")
-    p.add_argument("--force", action="store_true", help="replace layers even when MACs do not drop")
-    p.add_argument("--target-opset", type=int, default=None,
-                   help="convert the model to this opset first (onnx version converter)")
-    p.add_argument("--external-data", action="store_true", help="save weights in a .data file beside the model")
-    p.add_argument("--overwrite", action="store_true", help="allow the output to replace the input file")
-    p.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
+                   help="leave layers whose name, output tensor or op type matches; repeatable")
+
+
+def _add_calib_options(p) -> None:
+    """Calibration data: compress and sweep."""
     p.add_argument("--calib", metavar="DATA", help="calibration data: an .npz keyed by input name "
-                   "(samples stacked on the batch axis) or a folder of them; refines the factors on it")
+                   "(samples stacked on the batch axis) or a folder of .npz files (each stacked, or one "
+                   "feed at the model's exact shapes); refines the factors on it")
     p.add_argument("--calib-samples", type=int, default=None, metavar="N",
                    help="use at most N calibration samples (default: all)")
     p.add_argument("--calib-mask", default="auto", metavar="INPUT|auto|none",
@@ -60,6 +58,50 @@ def _add_compress(sub) -> None:
     p.add_argument("--calib-mode", choices=("asymmetric", "symmetric"), default="asymmetric",
                    help="asymmetric (default): fit each layer to the original outputs from the inputs "
                         "of the model compressed so far; symmetric: from the original inputs")
+
+
+def _add_provider_option(p) -> None:
+    from onnxlr.runtime import PROVIDERS
+
+    p.add_argument("--provider", choices=tuple(PROVIDERS), default="cpu",
+                   help="onnxruntime execution provider (default: cpu)")
+
+
+def _add_shape_option(p, what: str) -> None:
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
+                   help=f"shape of an input with dynamic dims, e.g. input:1,3,224,224, {what} "
+                        "(repeatable; other dynamic dims are 1)")
+
+
+def _selection_fields(args) -> dict:
+    fields = {"method": args.method, "include": tuple(args.include), "exclude": tuple(args.exclude)}
+    if args.round_to is not None:
+        fields["round_to"] = args.round_to
+    if args.calib is not None:
+        fields.update(calib=args.calib, calib_samples=args.calib_samples, calib_mode=args.calib_mode,
+                      calib_mask=args.calib_mask)
+    return fields
+
+
+# --- compress -------------------------------------------------------------------------------
+
+
+def _add_compress(sub) -> None:
+    from onnxlr.config import CompressConfig
+
+    p = sub.add_parser("compress", help="factorize the heavy layers of an ONNX model")
+    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
+    _add_selection_options(p)
+    p.add_argument("--rank", default=None, help="N, a fraction F (0.33), energy:E, evbmf or evbmf:W "
+                   f"(default: {CompressConfig().rank})")
+    p.add_argument("--force", action="store_true", help="replace layers even when MACs do not drop")
+    p.add_argument("--target-opset", type=int, default=None,
+                   help="convert the model to this opset first (onnx version converter)")
+    p.add_argument("--external-data", action="store_true", help="save weights in a .data file beside the model")
+    p.add_argument("--overwrite", action="store_true", help="allow the output to replace the input file")
+    p.add_argument("--report", metavar="FILE.json", help="write the per-layer report as JSON")
+    _add_calib_options(p)
     p.add_argument("--config", metavar="FILE", help="per-layer rules (JSON or YAML): an ordered list of "
                    "{match, method, rank}; the first match wins, --method/--rank are the defaults")
     p.add_argument("--verify", action="store_true", help="then verify the output against the input "
@@ -79,28 +121,24 @@ def _add_budget_options(p, goals: bool = True) -> None:
         p.add_argument("--target-macs", type=float, default=None, metavar="F",
                        help="like --target-speedup, for a fraction F of the original MACs")
         p.add_argument("--max-error", type=float, default=None, metavar="E",
-                       help="the fastest model whose relative output error on --calib data (random inputs "
-                            "without it) is at most E")
+                       help="the fastest model whose relative output error on held-out --calib samples "
+                            "(random inputs without it) is at most E")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="per-layer latency cache (default: $ONNXLR_CACHE_DIR or ~/.cache/onnxlr)")
 
 
 def _compress_config(args):
-    from onnxlr.compress import CompressConfig
+    from onnxlr.config import CompressConfig
+    from onnxlr.data import parse_shapes
 
-    fields = {"method": args.method, "include": tuple(args.include), "exclude": tuple(args.exclude),
-              "force": args.force, "target_opset": args.target_opset}
+    fields = {**_selection_fields(args), "force": args.force, "target_opset": args.target_opset,
+              "shapes": parse_shapes(args.shape)}
     if args.config:
-        from onnxlr.rules import load_rules
+        from onnxlr.config import load_rules
 
         fields["rules"] = load_rules(args.config)
     if args.rank is not None:
         fields["rank"] = args.rank
-    if args.round_to is not None:
-        fields["round_to"] = args.round_to
-    if args.calib is not None:
-        fields.update(calib=args.calib, calib_samples=args.calib_samples, calib_mode=args.calib_mode,
-                      calib_mask=args.calib_mask)
     for name in ("target_speedup", "target_macs", "max_error", "cache_dir", "provider"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
@@ -108,7 +146,7 @@ def _compress_config(args):
 
 
 def _run_compress(args) -> int:
-    from onnxlr.compress import compress_file
+    from onnxlr.pipeline import compress_file
 
     config = _compress_config(args)
     _, report = compress_file(
@@ -127,15 +165,15 @@ def _run_compress(args) -> int:
 
 
 def _verify_and_bench(args, report) -> int:
-    from onnxlr.bench import bench
-    from onnxlr.report import compress_summary
-    from onnxlr.runtime import parse_int_range, parse_shapes
-    from onnxlr.verify import verify
+    from onnxlr.data import parse_int_range, parse_shapes
+    from onnxlr.proof.bench import bench
+    from onnxlr.proof.verify import verify
+    from onnxlr.report.compress import compress_summary
 
     shapes = parse_shapes(args.shape)
     result = verify(
-        args.model, args.output, inputs=args.inputs, shapes=shapes, samples=args.samples,
-        seed=args.seed, int_range=parse_int_range(args.int_range), provider=args.provider,
+        args.model, args.output, inputs=args.inputs, shapes=shapes if args.inputs is None else None,
+        samples=args.samples, seed=args.seed, int_range=parse_int_range(args.int_range), provider=args.provider,
         max_rel_error=args.max_rel_error, min_top1=args.min_top1,
     )
     timing = bench([args.model, args.output], provider=args.provider, runs=args.bench_runs,
@@ -155,19 +193,21 @@ def _add_inspect(sub) -> None:
     p.add_argument("model", help=".onnx model")
     p.add_argument("--round-to", type=int, default=8, help="round suggested ranks up to a multiple of N, "
                    "capped at the full dimension (default: 8, for onnxruntime CPU's NCHWc convs)")
+    _add_shape_option(p, "to size layers the model leaves dynamic")
+    p.add_argument("--inputs", metavar="DATA", help="size dynamic layers from the first sample of this data "
+                   "(an .npz keyed by input name, or a folder of them)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.set_defaults(run=_run_inspect)
 
 
 def _run_inspect(args) -> int:
-    from onnxlr.compress import write_text_atomic
+    from onnxlr.data import parse_shapes
     from onnxlr.inspect import inspect
+    from onnxlr.model import write_text_atomic
 
-    result = inspect(args.model, round_to=args.round_to)
+    result = inspect(args.model, round_to=args.round_to, shapes=parse_shapes(args.shape), inputs=args.inputs)
     if args.json:
-        from pathlib import Path
-
-        write_text_atomic(Path(args.json), result.to_json())
+        write_text_atomic(args.json, result.to_json())
     print(result.to_table())
     return EXIT_OK
 
@@ -189,22 +229,19 @@ def _add_verify(sub) -> None:
 
 def _add_check_options(p) -> None:
     """Data, provider and tolerance flags shared by `verify` and `compress --verify`."""
-    from onnxlr.runtime import PROVIDERS
-    from onnxlr.verify import DEFAULT_MAX_REL_ERROR, DEFAULT_SAMPLES, parse_tolerance
+    from onnxlr.proof.verify import DEFAULT_MAX_REL_ERROR, DEFAULT_SAMPLES, parse_tolerance
 
-    p.add_argument("--inputs", metavar="FILE.npz",
-                   help="real data: arrays keyed by input name, samples stacked on the first axis"
-                        " (default: seeded random data)")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
-                   help="shape of a random input with dynamic dims, e.g. input:1,3,224,224 "
-                        "(repeatable; other dynamic dims are 1)")
+    p.add_argument("--inputs", metavar="DATA",
+                   help="real data: an .npz keyed by input name with samples stacked on the batch axis, "
+                        "or a folder of .npz files (each stacked, or one feed at exact shapes); default: "
+                        "seeded random data")
+    _add_shape_option(p, "for random inputs")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                    help=f"random samples to draw (default: {DEFAULT_SAMPLES})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--int-range", default="0:100", metavar="LO:HI",
                    help="range [LO, HI) of random integer inputs, e.g. token ids (default: 0:100)")
-    p.add_argument("--provider", choices=tuple(PROVIDERS), default="cpu",
-                   help="onnxruntime execution provider (default: cpu)")
+    _add_provider_option(p)
     p.add_argument("--max-rel-error", type=parse_tolerance, default=DEFAULT_MAX_REL_ERROR,
                    metavar="E", help="largest relative L2 error allowed on any output, or 'none' "
                                      f"(default: {DEFAULT_MAX_REL_ERROR:g})")
@@ -214,8 +251,8 @@ def _add_check_options(p) -> None:
 
 
 def _run_verify(args) -> int:
-    from onnxlr.runtime import parse_int_range, parse_shapes
-    from onnxlr.verify import verify, write_json
+    from onnxlr.data import parse_int_range, parse_shapes
+    from onnxlr.proof.verify import verify, write_json
 
     result = verify(
         args.reference, args.candidate, inputs=args.inputs, shapes=parse_shapes(args.shape),
@@ -235,23 +272,19 @@ def _run_verify(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    from onnxlr.bench import DEFAULT_RUNS, DEFAULT_WARMUP
-    from onnxlr.runtime import PROVIDERS
+    from onnxlr.proof.bench import DEFAULT_RUNS, DEFAULT_WARMUP
 
     p = sub.add_parser("bench", help="time models in onnxruntime, interleaved, with speedups",
                        description="Speedups are relative to the first model.")
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help=".onnx models (the first is the baseline)")
-    p.add_argument("--provider", choices=tuple(PROVIDERS), default="cpu",
-                   help="onnxruntime execution provider (default: cpu)")
+    _add_provider_option(p)
     p.add_argument("--threads", type=int, help="intra-op threads (default: number of cores)")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                    help=f"untimed runs per model (default: {DEFAULT_WARMUP})")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS,
                    help=f"timed runs per model (default: {DEFAULT_RUNS})")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
-                   help="shape of an input with dynamic dims, e.g. input:1,3,224,224 "
-                        "(repeatable; overrides --batch for that input)")
+    _add_shape_option(p, "overriding --batch for that input")
     p.add_argument("--batch", type=int, default=1,
                    help="size of a dynamic batch dim (default: 1; other dynamic dims are 1)")
     p.add_argument("--int-range", default="0:100", metavar="LO:HI",
@@ -265,9 +298,9 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(args) -> int:
-    from onnxlr.bench import bench
-    from onnxlr.runtime import parse_int_range, parse_shapes
-    from onnxlr.verify import write_json
+    from onnxlr.proof.bench import bench
+    from onnxlr.data import parse_int_range, parse_shapes
+    from onnxlr.proof.verify import write_json
 
     result = bench(
         args.models, provider=args.provider, threads=args.threads, warmup=args.warmup,
@@ -284,8 +317,7 @@ def _run_bench(args) -> int:
 
 
 def _add_sweep(sub) -> None:
-    from onnxlr.compress import METHODS
-    from onnxlr.sweep import DEFAULT_TARGETS, DEFAULT_UNIFORM
+    from onnxlr.budget.sweep import DEFAULT_TARGETS, DEFAULT_UNIFORM
 
     p = sub.add_parser("sweep", help="measure the speed/error frontier of budgeted allocation against uniform ranks")
     p.add_argument("model", help=".onnx model")
@@ -293,15 +325,9 @@ def _add_sweep(sub) -> None:
                    help="target speedups, one frontier point each (default: %(default)s)")
     p.add_argument("--uniform", default=",".join(f"{x:g}" for x in DEFAULT_UNIFORM), metavar="F,G,...",
                    help="uniform rank fractions to compare with, or 'none' (default: %(default)s)")
-    p.add_argument("--calib", metavar="DATA", help="calibration data (.npz keyed by input name, or a folder): "
-                   "data-aware damage and refined factors; without it, weight-error damage")
-    p.add_argument("--calib-samples", type=int, default=None, metavar="N", help="use at most N calibration samples")
-    p.add_argument("--method", default="auto", choices=METHODS, help="restrict KxK convs to one method (default: auto)")
-    p.add_argument("--round-to", type=int, default=None, help="round ranks up to a multiple of N (default: 8)")
-    p.add_argument("--include", action="append", default=[], metavar="REGEX", help="only these layers; repeatable")
-    p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="leave these layers; repeatable")
-    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
-                   help="execution provider to measure on (default: cpu)")
+    _add_selection_options(p)
+    _add_calib_options(p)
+    _add_provider_option(p)
     _add_budget_options(p, goals=False)
     p.add_argument("--plot", metavar="FILE.png", help="write the frontier plot")
     p.add_argument("--json", metavar="FILE", help="write the points as JSON")
@@ -309,22 +335,17 @@ def _add_sweep(sub) -> None:
 
 
 def _run_sweep(args) -> int:
-    from onnxlr.compress import CompressConfig, write_text_atomic
-    from onnxlr.sweep import parse_floats, sweep
+    from onnxlr.budget.sweep import parse_floats, sweep
+    from onnxlr.config import CompressConfig
+    from onnxlr.model import write_text_atomic
 
-    fields = {"method": args.method, "include": tuple(args.include), "exclude": tuple(args.exclude),
-              "provider": args.provider, "cache_dir": args.cache_dir, "calib": args.calib,
-              "calib_samples": args.calib_samples}
-    if args.round_to is not None:
-        fields["round_to"] = args.round_to
+    fields = {**_selection_fields(args), "provider": args.provider, "cache_dir": args.cache_dir}
     targets = parse_floats(args.targets, "--targets")
     uniform = () if str(args.uniform).strip().lower() == "none" else parse_floats(args.uniform, "--uniform")
     result = sweep(args.model, targets, uniform=uniform, config=CompressConfig(**fields))
     print(result.to_table())
     if args.json:
-        from pathlib import Path
-
-        write_text_atomic(Path(args.json), result.to_json())
+        write_text_atomic(args.json, result.to_json())
         print(f"wrote {args.json}")
     if args.plot:
         result.plot(args.plot)
@@ -336,9 +357,12 @@ def _run_sweep(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnxlr", description=__doc__.splitlines()[0])
+    from onnxlr import __version__
+
+    parser = _Parser(prog="onnxlr", description="Compress ONNX models by low-rank factorization, and prove the result.")
+    parser.add_argument("--version", action="version", version=f"onnxlr {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     for add in (_add_compress, _add_inspect, _add_verify, _add_bench, _add_sweep):
         add(sub)
     return parser
@@ -350,20 +374,18 @@ class Terminated(BaseException):
 
 def _on_signal(signum, frame) -> None:
     """SIGTERM -> Terminated, SIGINT -> KeyboardInterrupt; held during the few steps of a save
-    that must not be split (see ``onnxlr.graph.signals_deferred``)."""
+    that must not be split (see ``onnxlr.model.io.signals_deferred``)."""
     import signal
 
-    exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-    graph = sys.modules.get("onnxlr.graph")
-    if graph is None:
-        raise exc
-    graph.interrupt(exc)
+    from onnxlr.model import io
+
+    io.interrupt(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
 
 
 def _remove_temp_files() -> None:
-    graph = sys.modules.get("onnxlr.graph")
-    if graph is not None:
-        graph.remove_temp_files()
+    from onnxlr.model import io
+
+    io.remove_temp_files()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, _on_signal)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise OnnxlrError(f"give a command: {', '.join(COMMANDS)} (see `onnxlr --help`)")
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING,
             format="onnxlr: %(message)s",

@@ -74,7 +74,7 @@ import numpy as np
 import scipy.linalg
 import scipy.optimize
 
-from onnxlr.decompose.linalg import gram
+from onnxlr.methods.linalg import gram
 
 __all__ = [
     "EvbmfEstimate",

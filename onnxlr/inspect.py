@@ -16,12 +16,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from onnxlr import graph as g
-from onnxlr.compress import decompose, layer_macs, method_for, single_threaded_blas
+from onnxlr import data, methods
+from onnxlr import model as g
 from onnxlr.layers import ConvLayer
+from onnxlr.methods.linalg import single_threaded_blas
+from onnxlr.model.targets import NOMINAL_SPATIAL, fill_runtime_shapes, find_targets, layer_macs
 from onnxlr.ranks import parse_rank
-from onnxlr.report import _human, format_table
-from onnxlr.targets import fill_runtime_shapes, find_targets
+from onnxlr.report.tables import format_table, human
 
 INSPECT_SPECS = ("evbmf", "energy:0.9")
 
@@ -77,13 +78,13 @@ class InspectResult:
         header += [f"{spec} ranks -> MACs" for spec in INSPECT_SPECS]
         rows = [tuple(header)]
         for layer in self.layers:
-            macs = _human(layer.macs) + ("/pos" if layer.macs_per_position else "")
+            macs = human(layer.macs) + ("/pos" if layer.macs_per_position else "")
             share = "-" if layer.mac_share is None else f"{100 * layer.mac_share:.1f}%"
             cells = [
                 layer.name,
                 layer.op_type,
                 "x".join(map(str, layer.weight_shape)),
-                _human(layer.params),
+                human(layer.params),
                 macs,
                 share,
                 "yes" if layer.factorizable else f"no: {layer.reason}",
@@ -94,7 +95,7 @@ class InspectResult:
             cells += ["-"] * (len(header) - len(cells))
             rows.append(tuple(cells))
         t = self.totals
-        rows.append(("TOTAL", "", "", _human(t["params"]), _human(t["macs_known"]), "100%",
+        rows.append(("TOTAL", "", "", human(t["params"]), human(t["macs_known"]), "100%",
                      f"{t['factorizable']} of {t['layers']}") + ("",) * len(INSPECT_SPECS))
         lines = format_table(rows)
         if t["layers_with_unknown_size"]:
@@ -103,13 +104,19 @@ class InspectResult:
         return "\n".join(lines)
 
 
-def inspect(model: onnx.ModelProto | str | os.PathLike, round_to: int = 8) -> InspectResult:
+def inspect(model: onnx.ModelProto | str | os.PathLike, round_to: int = 8, *, shapes: dict | None = None,
+            inputs=None) -> InspectResult:
+    """``shapes`` (name -> dims) or ``inputs`` (anything onnxlr.data.open_source takes; its first
+    sample is used) size the layers whose dims the model leaves dynamic."""
     name = str(model) if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model")
     if not isinstance(model, onnx.ModelProto):
         model = g.load_model(model)
-    shapes = g.infer_shapes(model)
-    targets = find_targets(model, shapes)
-    fill_runtime_shapes(model, targets)
+    targets = find_targets(model, g.infer_shapes(model))
+    feed = None
+    if shapes or inputs is not None:
+        specs = data.model_input_specs(model)
+        feed = next(iter(data.open_source(inputs, specs, shapes=shapes if inputs is None else None, samples=1)), None)
+    fill_runtime_shapes(model, targets, feed)
     infos = []
     with single_threaded_blas():
         for target in targets:
@@ -137,9 +144,9 @@ def _layer_info(target, round_to: int) -> LayerInfo:
     )
     if target.layer is None or target.skip is not None:
         return info
-    method, _ = method_for(target, "auto")
+    method = methods.auto(target.layer)
     for spec in INSPECT_SPECS:
-        replacement, rank_log = decompose(target, method, parse_rank(spec), round_to)
+        replacement, rank_log = method.factorize(target.layer, parse_rank(spec), round_to)
         before, after = layer_macs(target, replacement)
         if before is None:
             before, after = layer_macs(target, replacement, nominal=True)
@@ -147,7 +154,7 @@ def _layer_info(target, round_to: int) -> LayerInfo:
             before, after = _per_position(target, before), _per_position(target, after)
         info.macs = before
         info.suggestions.append(
-            Suggestion(spec, method, replacement.ranks, after, before / after if after else None, rank_log.notes)
+            Suggestion(spec, method.name, replacement.ranks, after, before / after if after else None, rank_log.notes)
         )
     return info
 
@@ -156,7 +163,5 @@ def _per_position(target, macs: int) -> int:
     """Nominal MACs divided back to one output position (or one row of a linear layer)."""
     layer = target.layer
     if isinstance(layer, ConvLayer):
-        from onnxlr.compress import NOMINAL_SPATIAL
-
         return macs // (NOMINAL_SPATIAL ** layer.spatial_rank)
     return macs

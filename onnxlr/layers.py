@@ -93,6 +93,9 @@ class Replacement:
     reconstruction: np.ndarray | None
     notes: list[str] = field(default_factory=list)
     weight_rel_error: float | None = None
+    # A refitted bias [T] that the splice writes in place of the layer's own (the effective bias:
+    # beta * C for a Gemm, the constant of a following Add for a MatMul); None keeps the layer's.
+    bias: np.ndarray | None = None
 
     def low_rank_weight(self) -> np.ndarray:
         """The reconstruction, computed from the factors when it was not kept."""

@@ -1,20 +1,14 @@
-"""onnxruntime plumbing shared by ``verify``, ``bench`` and calibration.
-
-Three jobs, all plain functions:
+"""onnxruntime plumbing shared by verify, bench, calibration and budgets: sessions and timing.
 
 * **Sessions** -- :func:`make_session` opens a model (path, ``ModelProto`` or bytes) on one of the
   providers named in :data:`PROVIDERS`, with every graph optimization on, an explicit intra-op
   thread count, and thread spinning *off* (idle sessions that spin inflate the timings of the
-  others: see ``shared/reference/measuring.md``). Load failures become one-line ``OnnxlrError``\\ s
-  that name the problem and the fix.
-* **Input specs** -- :func:`input_specs` reads each graph input's name, dtype and declared shape
-  from the session; :func:`resolve_shapes` turns declared shapes into concrete ones (``--shape``
-  overrides, a dynamic batch dim set to ``batch``, any other dynamic dim set to 1).
-* **Data** -- a data set is a dict ``name -> array`` holding the samples stacked along each input's
-  first (batch) axis. :func:`random_inputs` draws one seeded, :func:`load_npz` reads one from a
-  file, and :func:`iter_feeds` cuts it into the feeds a model accepts: one batch of ``B`` rows at a
-  time when the model fixes its batch dim to ``B`` (1 for most exports), chunks of up to ``chunk``
-  rows when the batch dim is dynamic. Rank-0 inputs have no batch axis and go whole into every feed.
+  others 1.5-5x, measured here). Load failures become one-line ``OnnxlrError``\\ s that name the
+  problem and the fix.
+* **Input specs** -- :func:`input_specs` reads each graph input's name, dtype, declared shape and
+  dim names from a session (the data layer, :mod:`onnxlr.data`, turns them into feeds).
+* **Timing** -- :func:`timed_runner` and :func:`interleaved`: every model once per round, the
+  order flipped every round.
 """
 
 from __future__ import annotations
@@ -22,8 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,6 +286,7 @@ class InputSpec:
     name: str
     type: str  # onnxruntime's type string, e.g. "tensor(float)"
     dims: tuple[int | None, ...]
+    dim_names: tuple[str | None, ...] = ()  # the symbolic name of each dynamic dim, if any
 
     @property
     def dtype(self) -> np.dtype:
@@ -314,7 +308,8 @@ def input_specs(session) -> list[InputSpec]:
     for i in session.get_inputs():
         shape = i.shape if isinstance(i.shape, (list, tuple)) else []
         dims = tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)
-        specs.append(InputSpec(i.name, i.type, dims))
+        names = tuple(d if isinstance(d, str) and d else None for d in shape)
+        specs.append(InputSpec(i.name, i.type, dims, names))
     return specs
 
 
@@ -328,201 +323,19 @@ def check_same_inputs(reference: list[InputSpec], other: list[InputSpec], label:
         )
 
 
-def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
-    """``"input:1,3,224,224"`` -> ``("input", (1, 3, 224, 224))``; the name may contain ':'."""
-    name, sep, dims = text.rpartition(":")
-    try:
-        shape = tuple(int(d) for d in dims.split(","))
-    except ValueError:
-        shape = ()
-    if not sep or not name or not shape or any(d <= 0 for d in shape):
-        raise OnnxlrError(f"bad shape {text!r}; write NAME:DIMS, e.g. input:1,3,224,224")
-    return name, shape
+def interleaved(runners, warmup: int, runs: int) -> np.ndarray:
+    """Seconds per call of each runner (:func:`timed_runner`), shape [models, runs]: round r calls
+    every runner once, in order on even rounds and in reverse on odd ones, so that going first or
+    last favours no model."""
+    import time
 
-
-def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Repeated ``--shape NAME:DIMS`` flags -> ``{name: dims}`` (a later flag wins)."""
-    return dict(parse_shape(item) for item in items)
-
-
-def parse_int_range(text: str) -> tuple[int, int]:
-    """``"LO:HI"`` -> ``(lo, hi)``, the half-open range of random integer inputs."""
-    lo, _, hi = text.partition(":")
-    try:
-        return int(lo), int(hi)
-    except ValueError:
-        raise OnnxlrError(f"bad integer range {text!r}; write LO:HI, e.g. 0:30522") from None
-
-
-def resolve_shapes(
-    specs: Sequence[InputSpec],
-    shapes: Mapping[str, Sequence[int]] | None = None,
-    batch: int | None = None,
-) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes for one feed: ``shapes`` overrides, a dynamic batch dim becomes ``batch``
-    (when given), every other dynamic dim 1. A fixed dim that disagrees is an ``OnnxlrError``."""
-    shapes = dict(shapes or {})
-    unknown = sorted(set(shapes) - {s.name for s in specs})
-    if unknown:
-        raise OnnxlrError(
-            f"--shape names unknown input(s) {', '.join(unknown)}; the model's inputs are: "
-            f"{', '.join(s.name for s in specs)}"
-        )
-    out = {}
-    for spec in specs:
-        if spec.name in shapes:
-            shape = tuple(int(d) for d in shapes[spec.name])
-            if len(shape) != len(spec.dims):
-                raise OnnxlrError(
-                    f"--shape gives input {spec.name!r} {len(shape)} dims but the model declares "
-                    f"{len(spec.dims)}: {_fmt_dims(spec.dims)}"
-                )
-            for given, declared in zip(shape, spec.dims):
-                if declared is not None and given != declared:
-                    raise OnnxlrError(
-                        f"--shape {spec.name}:{','.join(map(str, shape))} disagrees with the "
-                        f"model's fixed shape {_fmt_dims(spec.dims)}"
-                    )
-        else:
-            shape = tuple(1 if d is None else d for d in spec.dims)
-            if batch is not None and spec.dims:
-                if spec.dims[0] is None:
-                    shape = (batch,) + shape[1:]
-                elif spec.dims[0] != batch:
-                    raise OnnxlrError(
-                        f"--batch {batch} but input {spec.name!r} has a fixed batch of "
-                        f"{spec.dims[0]} ({_fmt_dims(spec.dims)}); use --batch {spec.dims[0]}"
-                    )
-        out[spec.name] = shape
-    return out
-
-
-def _fmt_dims(dims: Sequence[int | None]) -> str:
-    return "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
-
-
-# --- data sets ------------------------------------------------------------------------------
-
-
-def random_inputs(
-    specs: Sequence[InputSpec],
-    shapes: Mapping[str, tuple[int, ...]],
-    samples: int = 1,
-    *,
-    seed: int = 0,
-    int_range: tuple[int, int] = (0, 100),
-) -> dict[str, np.ndarray]:
-    """``samples`` seeded draws of each input's feed shape, stacked along the batch axis.
-
-    Floats are standard normal, integers uniform in ``[lo, hi)`` (``int_range``), bools fair
-    coins. Rank-0 inputs are drawn once.
-    """
-    lo, hi = int_range
-    if hi <= lo:
-        raise OnnxlrError(f"bad integer range {lo}:{hi}; write LO:HI with LO < HI, e.g. 0:30522")
-    if samples < 1:
-        raise OnnxlrError(f"samples must be at least 1, got {samples}")
-    rng = np.random.default_rng(seed)
-    data = {}
-    for spec in specs:
-        shape = tuple(shapes[spec.name])
-        if shape:
-            shape = (shape[0] * samples,) + shape[1:]
-        dtype = spec.dtype
-        if dtype.kind == "f":
-            data[spec.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind in "iu":
-            info = np.iinfo(dtype)
-            if lo < info.min or hi - 1 > info.max:
-                raise OnnxlrError(
-                    f"integer range {lo}:{hi} does not fit input {spec.name!r} of type {dtype}"
-                )
-            data[spec.name] = rng.integers(lo, hi, size=shape).astype(dtype)
-        else:  # bool
-            data[spec.name] = rng.random(shape) < 0.5
-    return data
-
-
-def load_npz(path: str | os.PathLike, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
-    """Read an .npz keyed by input name; arrays are cast to each input's dtype (same kind only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise OnnxlrError(f"{path}: no such file; pass an .npz keyed by input name")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        raise OnnxlrError(f"{path} is not a readable .npz file; save the arrays with numpy.savez, "
-                          f"keyed by input name") from None
-    return check_data(arrays, specs, str(path))
-
-
-def check_data(
-    arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where: str = "inputs"
-) -> dict[str, np.ndarray]:
-    """Check a data set (samples stacked on axis 0) against the inputs; cast to their dtypes
-    (same kind only: float to float, int to int)."""
-    missing = [s.name for s in specs if s.name not in arrays]
-    if missing:
-        raise OnnxlrError(
-            f"{where} has no array for input(s) {', '.join(missing)} (it has: "
-            f"{', '.join(sorted(arrays)) or 'nothing'}); key each array by the input's name"
-        )
-    extra = sorted(set(arrays) - {s.name for s in specs})
-    if extra:
-        log.warning("ignoring arrays %s in %s: the model has no such inputs", extra, where)
-    data = {}
-    for spec in specs:
-        arr, want = np.asarray(arrays[spec.name]), spec.dtype
-        same_kind = arr.dtype.kind == want.kind or {arr.dtype.kind, want.kind} <= set("iu")
-        if not same_kind:
-            raise OnnxlrError(
-                f"{where}: array {spec.name!r} has dtype {arr.dtype} but the model wants {want}"
-            )
-        if arr.ndim != len(spec.dims):
-            raise OnnxlrError(
-                f"{where}: array {spec.name!r} has shape {list(arr.shape)} but the model's input "
-                f"is {_fmt_dims(spec.dims)} (stack the samples along the first axis)"
-            )
-        for axis, (got, declared) in enumerate(zip(arr.shape, spec.dims)):
-            if axis > 0 and declared is not None and got != declared:
-                raise OnnxlrError(
-                    f"{where}: array {spec.name!r} has shape {list(arr.shape)} but the model's "
-                    f"input is {_fmt_dims(spec.dims)}"
-                )
-        data[spec.name] = arr.astype(want, copy=False)
-    return data
-
-
-def feed_rows(specs_per_model: Sequence[Sequence[InputSpec]], chunk: int) -> tuple[int, bool]:
-    """How many samples go into one feed, and whether that count is exact: the models' fixed
-    batch size (exact), else up to ``chunk`` (the last feed may be smaller)."""
-    fixed = {s.fixed_batch for specs in specs_per_model for s in specs if s.fixed_batch}
-    if len(fixed) > 1:
-        raise OnnxlrError(
-            f"the inputs fix different batch sizes {sorted(fixed)}; onnxlr cannot split samples "
-            f"across them"
-        )
-    return (fixed.pop(), True) if fixed else (max(1, chunk), False)
-
-
-def iter_feeds(
-    data: Mapping[str, np.ndarray], rows: int, exact: bool = False
-) -> Iterator[dict[str, np.ndarray]]:
-    """Cut a data set (samples stacked along axis 0) into feeds of ``rows`` samples each."""
-    lengths = {name: a.shape[0] for name, a in data.items() if a.ndim > 0}
-    if len(set(lengths.values())) > 1:
-        raise OnnxlrError(
-            "the inputs hold different numbers of samples along their first axis: "
-            + ", ".join(f"{k}={v}" for k, v in lengths.items())
-        )
-    total = next(iter(lengths.values()), 1)
-    if total == 0:
-        raise OnnxlrError("the input data holds no samples (its first axis has length 0)")
-    if exact and total % rows:
-        raise OnnxlrError(
-            f"{total} samples cannot be fed in the model's fixed batches of {rows}; "
-            f"give a multiple of {rows} samples"
-        )
-    for start in range(0, total, rows):
-        yield {k: (a[start : start + rows] if a.ndim else a) for k, a in data.items()}
+    times = np.empty((len(runners), runs))
+    clock = time.perf_counter
+    order = list(enumerate(runners))
+    for r in range(-warmup, runs):
+        for i, run in order if r % 2 == 0 else order[::-1]:
+            start = clock()
+            run()
+            if r >= 0:
+                times[i, r] = clock() - start
+    return times

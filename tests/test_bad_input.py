@@ -22,7 +22,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr import graph as g
+from onnxlr.model import io as g
+from onnxlr.model.opset import runtime_max_opset
 from onnxlr.cli import build_parser, main
 
 RNG = np.random.default_rng(0)
@@ -80,7 +81,7 @@ def corpus(tmp_path: Path) -> Path:
     broken = _mlp()
     broken.graph.node[1].input[0] = "nowhere"
     onnx.save(broken, d / "checker.onnx")
-    onnx.save(_mlp(opset=g.runtime_max_opset() + 1), d / "new_opset.onnx")
+    onnx.save(_mlp(opset=runtime_max_opset() + 1), d / "new_opset.onnx")
     return d
 
 
@@ -142,7 +143,7 @@ def test_truncated_anywhere_is_refused_or_complete(corpus, capsys):
 
 
 def test_opset_newer_than_onnxruntime(corpus, capsys):
-    top = g.runtime_max_opset()
+    top = runtime_max_opset()
     line = _assert_refused(
         corpus, ["compress", corpus / "new_opset.onnx", "-o", corpus / "out.onnx"], capsys,
         f"uses opset {top + 1}", f"onnxruntime {ort.__version__} supports up to {top}",
@@ -156,7 +157,7 @@ def test_opset_newer_than_onnxruntime(corpus, capsys):
 
 
 def test_runtime_max_opset_is_what_onnxruntime_loads():
-    top = g.runtime_max_opset()
+    top = runtime_max_opset()
     model = _mlp(opset=top)
     ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 

@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr import bench as bench_mod
+from onnxlr.proof import bench as bench_mod
 from onnxlr import runtime
-from onnxlr.bench import bench
+from onnxlr.proof.bench import bench
 from onnxlr.cli import main
 from onnxlr.errors import OnnxlrError
 
@@ -68,7 +68,7 @@ def test_latency_statistics_are_ordered(heavy):
 def test_runs_are_interleaved_and_the_order_flips():
     calls = []
 
-    times = bench_mod._interleaved(
+    times = runtime.interleaved(
         [lambda: calls.append("A"), lambda: calls.append("B")], warmup=1, runs=3
     )
     assert calls == ["B", "A", "A", "B", "B", "A", "A", "B"]  # warmup round, then 3 timed

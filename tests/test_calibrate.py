@@ -8,9 +8,10 @@ import pytest
 from builders import cnn_model, conv_model, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr import calibrate
+from onnxlr import data
+from onnxlr.calib import collect as calibrate
 from onnxlr.cli import _compress_config, build_parser
-from onnxlr.compress import compress
+from onnxlr.pipeline import compress
 from onnxlr.errors import OnnxlrError
 from onnxlr.layers import ConvLayer
 
@@ -58,15 +59,15 @@ def test_npz_is_streamed_in_chunks_up_to_the_limit(tmp_path):
     from onnxlr.runtime import input_specs, make_session
 
     specs = input_specs(make_session(model))
-    chunks = list(calibrate.iter_chunks([path], specs, 4, None))
+    chunks = list(data.batches(data.open_source(path, specs), specs, 4))
     assert [c["x"].shape[0] for c in chunks] == [4, 4, 4, 4, 4, 3]
     np.testing.assert_array_equal(np.concatenate([c["x"] for c in chunks]), a)
-    files = calibrate.data_files(tmp_path)
-    assert sum(c["x"].shape[0] for c in calibrate.iter_chunks(files, specs, 4, 25)) == 25
-    assert calibrate.count_samples(files, specs, None) == 28
+    folder = data.open_source(tmp_path, specs)
+    assert sum(c["x"].shape[0] for c in data.batches(data.limited(folder, 25), specs, 4)) == 25
+    assert sum(1 for _ in folder) == 28
     with pytest.raises(OnnxlrError, match="no array for input"):
         np.savez(tmp_path / "bad.npz", y=a)
-        list(calibrate.iter_chunks([tmp_path / "bad.npz"], specs, 4, None))
+        list(data.open_source(tmp_path / "bad.npz", specs))
 
 
 def _anisotropic_images(n, rng, c=3, spatial=4):
@@ -171,7 +172,7 @@ def test_matmul_followed_by_a_bias_add_gets_a_refitted_bias(tmp_path, mode):
 
 def test_calibrates_linear_layers_too_big_to_keep_a_reconstruction(tmp_path, monkeypatch):
     """Big FC layers keep no reconstruction (svd.MAX_RECONSTRUCTION_SIZE): calibration rebuilds it."""
-    from onnxlr.decompose import svd
+    from onnxlr.methods import svd
 
     monkeypatch.setattr(svd, "MAX_RECONSTRUCTION_SIZE", 1)
     rng = np.random.default_rng(3)

@@ -96,14 +96,24 @@ def random_kernel(rng, t, s, kernel):
 # --- full rank --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["tucker", "svd"])
+CHAIN_CONVS = {"tucker": 3, "channel": 2, "spatial-svd": 2}
+
+
+@pytest.mark.parametrize("method", ["tucker", "svd", "spatial-svd"])
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
 def test_full_rank_conv_reproduces_outputs(case, method):
+    """svd on a KxK conv is the channel decomposition; spatial-svd where it does not apply (1-D
+    convs) hands the layer to tucker and says why."""
     model = build_conv(CONV_CASES[case], random_kernel)
-    compressed, report = compress(model, method=method, rank=1.0)
+    # spatial-svd's fraction is of max(S, T): an integer rank, capped at the full rank, is exact
+    compressed, report = compress(model, method=method, rank=10**6 if method == "spatial-svd" else 1.0, force=True)
     layer = replaced(report)
-    assert layer.method == method
-    assert op_types(compressed) == ["Conv"] * (3 if method == "tucker" else 2)
+    expected = "channel" if method == "svd" else method
+    if method == "spatial-svd" and layer.method != method:
+        expected = "tucker"
+        assert any("spatial-svd splits a kernel" in n for n in layer.notes), layer.notes
+    assert layer.method == expected
+    assert op_types(compressed) == ["Conv"] * CHAIN_CONVS[expected]
     assert layer.weight_rel_error <= FLOAT64_WEIGHT_TOL
     assert output_error(model, compressed) <= FULL_RANK_TOL
 

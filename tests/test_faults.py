@@ -21,7 +21,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr import graph as g
+from onnxlr.model import io as g
+from onnxlr.model.opset import runtime_max_opset
 from onnxlr.cli import main
 from onnxlr.errors import OnnxlrError
 
@@ -89,7 +90,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("faults")
     src = d / "model.onnx"
     onnx.save(_model(), src)
-    g.runtime_max_opset()  # probe onnxruntime once, before forking
+    runtime_max_opset()  # probe onnxruntime once, before forking
     results = {}
     for mode, flags in (("inline", []), ("external", ["--external-data"])):
         ref = d / f"ref_{mode}.onnx"
@@ -296,7 +297,7 @@ def test_interrupt_waits_for_the_critical_section_and_temp_files_are_tracked(tmp
     assert reached
     with pytest.raises(KeyboardInterrupt):
         g.interrupt(KeyboardInterrupt())  # outside a section: at once
-    tmp = g._temp_path(tmp_path, "m.onnx")
+    tmp = g.temp_path(tmp_path, "m.onnx")
     assert tmp.exists() and tmp.name.startswith(".m.onnx.") and tmp.name.endswith(".tmp")
     g.remove_temp_files()  # what the CLI does on SIGTERM / Ctrl-C
     assert list(tmp_path.iterdir()) == []

@@ -7,11 +7,11 @@ import onnx
 import pytest
 from builders import conv_model, gemm_model, run_ort
 
-from onnxlr import graph as g
-from onnxlr import latency
-from onnxlr.compress import decompose
+from onnxlr import model as g
+from onnxlr.budget import latency
+from onnxlr import methods
 from onnxlr.ranks import RankSpec
-from onnxlr.targets import find_targets
+from onnxlr.model.targets import find_targets
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +32,7 @@ def test_one_node_model_runs_at_the_given_shape_and_chain_keeps_the_output():
     t = _target(model)
     ref = latency.one_node_model(t, (1, 8, 10, 10), g.infer_shapes(model), 17, model.ir_version)
     onnx.checker.check_model(ref)
-    rep, _ = decompose(t, "tucker", RankSpec("fraction", 0.5), 8)
+    rep, _ = methods.get("tucker").factorize(t.layer, RankSpec("fraction", 0.5), 8)
     cand = latency.candidate_model(ref, rep)
     assert [n.op_type for n in cand.graph.node] == ["Conv"] * 3
     x = {"x": rng.standard_normal((1, 8, 10, 10)).astype(np.float32)}
@@ -54,7 +54,7 @@ def test_time_layer_measures_every_candidate_and_caches(tmp_path):
     model = gemm_model([1, 64], rng.standard_normal((64, 64)).astype(np.float32), trans_b=0)
     t = _target(model)
     shapes = g.infer_shapes(model)
-    reps = [decompose(t, "svd", RankSpec("fraction", f), 8)[0] for f in (0.25, 0.5)]
+    reps = [methods.get("svd").factorize(t.layer, RankSpec("fraction", f), 8)[0] for f in (0.25, 0.5)]
     cache = latency.LatencyCache(tmp_path)
     t0, ms = latency.time_layer(t, (1, 64), shapes, reps, 17, model.ir_version, cache=cache)
     assert t0 > 0 and len(ms) == 2 and all(m > 0 for m in ms)

@@ -11,9 +11,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import onnxlr
-from onnxlr.compress import CompressConfig
-from onnxlr.decompose.linalg import left_singular
-from onnxlr.decompose.tucker import channel_spectra
+from onnxlr.pipeline import CompressConfig
+from onnxlr.methods.linalg import left_singular
+from onnxlr.methods.tucker import channel_spectra
 from onnxlr.errors import OnnxlrError
 from onnxlr.ranks import (
     EVBMF_MIN_FRACTION,

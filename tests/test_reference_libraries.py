@@ -17,8 +17,8 @@ from tensorly.decomposition import parafac, partial_tucker
 
 import onnxlr
 from builders import cnn_model, exact_cp_kernel, random_feeds, rel_error, run_ort
-from onnxlr.decompose.cp import cp_factors, reconstruct
-from onnxlr.decompose.tucker import tucker2_chain
+from onnxlr.methods.cp import cp_factors, reconstruct
+from onnxlr.methods.tucker import tucker2_chain
 from onnxlr.layers import ConvLayer
 
 tl.set_backend("numpy")

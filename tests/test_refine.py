@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxlr import refine
-from onnxlr.decompose.svd import spectrum_and_factor
+from onnxlr.calib import fit as refine
+from onnxlr.methods.svd import spectrum_and_factor
 
 # The ridge (1e-5 of the mean eigenvalue) moves the optimum by about that much, relatively.
 OPTIMAL_RTOL = 1e-4

@@ -33,10 +33,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import onnxlr
-from onnxlr.decompose.cp import reconstruct as cp_reconstruct
+from onnxlr.methods.cp import reconstruct as cp_reconstruct
 
-_compress_module = importlib.import_module("onnxlr.compress")  # onnxlr.compress is the function
-_real_decompose = _compress_module.decompose
+_pipeline = importlib.import_module("onnxlr.pipeline")
+_real_factorize = _pipeline.factorize
 
 SPLICE_TOL = 1e-5
 # CP terms may cancel (over-complete fits); the fp32 error then grows with the cancellation factor
@@ -54,17 +54,17 @@ PROPERTY = settings(
 def compress_one(model: onnx.ModelProto, method: str, rank: int):
     """Compress the model's single layer; returns (model, layer report, the Replacement spliced).
 
-    The Replacement is captured from ``onnxlr.compress.decompose`` during the call, so the
+    The Replacement is captured from ``onnxlr.pipeline.factorize`` during the call, so the
     reference uses the very reconstruction whose factors were spliced (CP runs ALS only once).
     """
     captured = []
 
     def spy(*args, **kwargs):
-        result = _real_decompose(*args, **kwargs)
+        result = _real_factorize(*args, **kwargs)
         captured.append(result[0])
         return result
 
-    with mock.patch.object(_compress_module, "decompose", spy):
+    with mock.patch.object(_pipeline, "factorize", spy):
         compressed, report = onnxlr.compress(model, method=method, rank=rank, force=True, round_to=1)
     (layer,) = report.layers
     (replacement,) = captured
@@ -151,29 +151,40 @@ def conv_cases(draw):
         pads=pads,
         auto_pad=auto_pad,
     )
-    method = draw(st.sampled_from(["svd", "tucker", "cp"]))
+    method = draw(st.sampled_from(["svd", "tucker", "cp", "spatial-svd"]))
     rank = draw(st.integers(1, 6))
     return model, method, rank, {"d": d, "group": group, "kernel": kernel, "auto_pad": auto_pad, "seed": seed}
 
 
-def expected_conv_ops(method: str, kernel: list[int]) -> int:
+def expected_method(method: str, kernel: list[int]) -> str:
+    """A pointwise conv is always an SVD; svd on a KxK conv is the channel decomposition;
+    spatial-svd needs a kernel > 1 on the first axis and on the others, else tucker takes it."""
+    if all(k == 1 for k in kernel):
+        return "svd"
     if method == "svd":
+        return "channel"
+    if method == "spatial-svd" and (len(kernel) < 2 or kernel[0] == 1 or int(np.prod(kernel[1:])) == 1):
+        return "tucker"
+    return method
+
+
+def expected_conv_ops(method: str, kernel: list[int]) -> int:
+    if method in ("svd", "channel", "spatial-svd"):
         return 2
     if method == "tucker":
         return 3
     return 2 + sum(k > 1 for k in kernel)  # cp: 1x1, one depthwise conv per real axis, 1x1
 
 
-@settings(PROPERTY, max_examples=240)
+@settings(PROPERTY, max_examples=300)
 @given(conv_cases())
 def test_conv_splice_identity(case):
     model, method, rank, info = case
     compressed, layer, replacement = compress_one(model, method, rank)
     resolved = layer.method
-    if all(k == 1 for k in info["kernel"]):
-        assert resolved == "svd"  # tucker/cp of a pointwise conv is an SVD
-    else:
-        assert resolved == method
+    assert resolved == expected_method(method, info["kernel"])
+    if resolved != method and method != "svd":
+        assert any("applies to KxK convs" in n or "spatial-svd" in n for n in layer.notes), layer.notes
 
     n = expected_conv_ops(resolved, info["kernel"])
     assert op_types(compressed) == ["Conv"] * n, op_types(compressed)

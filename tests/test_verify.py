@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr import runtime
+from onnxlr import data, runtime
 from onnxlr.cli import main
 from onnxlr.errors import OnnxlrError
-from onnxlr.verify import DEFAULT_MAX_REL_ERROR, changed_tensors, verify
+from onnxlr.proof.verify import DEFAULT_MAX_REL_ERROR, changed_tensors, verify
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
@@ -119,7 +119,7 @@ def test_statistics_match_numpy(ref, perturbed):
     noise=st.floats(0, 2), seed=st.integers(0, 2**16),
 )
 def test_statistics_over_chunks_equal_those_of_the_whole(rows, classes, cut, noise, seed):
-    from onnxlr.verify import _Diff
+    from onnxlr.proof.verify import _Diff
 
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((rows, classes)).astype(np.float32)
@@ -194,7 +194,7 @@ def test_real_output_shape_is_used_not_the_declared_one(tmp_path):
 
 
 def test_classification_shape_detection():
-    from onnxlr.verify import _class_count
+    from onnxlr.proof.verify import _class_count
 
     assert _class_count([4, 10]) == 10
     assert _class_count([1, 1000, 1, 1]) == 1000
@@ -340,11 +340,12 @@ def token_model(vocab=50):
 def test_integer_and_bool_inputs(tmp_path, capsys):
     path = save(token_model(vocab=50), tmp_path / "tok.onnx")
     specs = runtime.input_specs(ort.InferenceSession(path))
-    shapes = runtime.resolve_shapes(specs, {"ids": (2, 7), "mask": (2, 7)})
-    data = runtime.random_inputs(specs, shapes, 3, seed=1, int_range=(10, 20))
-    assert data["ids"].dtype == np.int64 and data["ids"].shape == (6, 7)
-    assert data["ids"].min() >= 10 and data["ids"].max() < 20
-    assert data["mask"].dtype == np.bool_ and 0 < data["mask"].mean() < 1
+    samples = list(data.random_source(specs, {"ids": (2, 7), "mask": (2, 7)}, 3, seed=1, int_range=(10, 20)))
+    assert len(samples) == 3
+    data_ = {k: np.concatenate([s[k] for s in samples]) for k in ("ids", "mask")}
+    assert data_["ids"].dtype == np.int64 and data_["ids"].shape == (6, 7)
+    assert data_["ids"].min() >= 10 and data_["ids"].max() < 20
+    assert data_["mask"].dtype == np.bool_ and 0 < data_["mask"].mean() < 1
     args = ["verify", path, path, "--shape", "ids:1,7", "--shape", "mask:1,7", "--int-range",
             "0:50"]
     assert main(args) == 0
@@ -356,29 +357,31 @@ def test_integer_and_bool_inputs(tmp_path, capsys):
 
 def test_random_inputs_are_seeded(ref):
     specs = runtime.input_specs(ort.InferenceSession(ref))
-    shapes = runtime.resolve_shapes(specs)
-    a = runtime.random_inputs(specs, shapes, 2, seed=7)["x"]
-    assert np.array_equal(a, runtime.random_inputs(specs, shapes, 2, seed=7)["x"])
-    assert not np.array_equal(a, runtime.random_inputs(specs, shapes, 2, seed=8)["x"])
+    def draw(seed):
+        return np.concatenate([s["x"] for s in data.random_source(specs, None, 2, seed=seed)])
+
+    a = draw(7)
+    assert np.array_equal(a, draw(7))
+    assert not np.array_equal(a, draw(8))
     assert a.shape == (2, 3, 8, 8) and a.dtype == np.float32
 
 
 @pytest.mark.parametrize("text", ["x", "x:", "x:1,a", ":1,2", "x:0,3"])
 def test_bad_shape_flags(text):
     with pytest.raises(OnnxlrError, match="NAME:DIMS"):
-        runtime.parse_shape(text)
+        data.parse_shape(text)
 
 
 def test_flag_parsers(ref, tmp_path):
-    from onnxlr.verify import parse_tolerance
+    from onnxlr.proof.verify import parse_tolerance
 
     assert parse_tolerance("1e-3") == 1e-3 and parse_tolerance("none") is None
     for bad in ("abc", "-1", "nan"):
         with pytest.raises(OnnxlrError, match="bad tolerance"):
             parse_tolerance(bad)
-    assert runtime.parse_int_range("0:30522") == (0, 30522)
+    assert data.parse_int_range("0:30522") == (0, 30522)
     with pytest.raises(OnnxlrError, match="LO:HI"):
-        runtime.parse_int_range("5")
+        data.parse_int_range("5")
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 3, 8, 8), np.float32))
     with pytest.raises(OnnxlrError, match="random inputs only"):
         verify(ref, ref, inputs=tmp_path / "d.npz", shapes={"x": (1, 3, 8, 8)})
@@ -387,13 +390,13 @@ def test_flag_parsers(ref, tmp_path):
 
 
 def test_shape_flag_checks(ref):
-    assert runtime.parse_shape("a:b:1,2") == ("a:b", (1, 2))
+    assert data.parse_shape("a:b:1,2") == ("a:b", (1, 2))
     specs = runtime.input_specs(ort.InferenceSession(ref))
-    assert runtime.resolve_shapes(specs, {"x": (4, 3, 8, 8)}) == {"x": (4, 3, 8, 8)}
+    assert data.resolve_shapes(specs, {"x": (4, 3, 8, 8)}) == {"x": (4, 3, 8, 8)}
     with pytest.raises(OnnxlrError, match="unknown input"):
-        runtime.resolve_shapes(specs, {"y": (1,)})
+        data.resolve_shapes(specs, {"y": (1,)})
     with pytest.raises(OnnxlrError, match="fixed shape"):
-        runtime.resolve_shapes(specs, {"x": (4, 3, 9, 8)})
+        data.resolve_shapes(specs, {"x": (4, 3, 9, 8)})
 
 
 # --- providers and user errors ---------------------------------------------------------------

@@ -35,8 +35,8 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxlr.compress import CompressConfig
-from onnxlr.sweep import parse_floats, sweep
+from onnxlr.pipeline import CompressConfig
+from onnxlr.budget.sweep import parse_floats, sweep
 
 REAL = ROOT / ".cache" / "real-models"
 log = logging.getLogger("bench_budget")
@@ -109,8 +109,8 @@ def keeping(evaluate, folder: Path, saved: list):
 def retime(original: Path, paths: list[Path], calib: Path, runs: int, int_range: tuple[int, int]) -> dict:
     """One interleaved ``onnxlr.bench`` run of the original and ``paths`` at the calibration
     data's batch-1 shapes: per model median speedup with p10-p90, and the load average."""
-    from onnxlr import latency
-    from onnxlr.bench import bench
+    from onnxlr.budget import latency
+    from onnxlr.proof.bench import bench
 
     inputs = {i.name for i in onnx.load(str(original), load_external_data=False).graph.input}
     with np.load(calib) as data:  # arrays that are no model input (labels) are left out
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
         print(md)
         return 0
     if args.fractions:
-        from onnxlr import budget
+        from onnxlr.budget import allocate as budget
 
         budget.FRACTIONS = parse_floats(args.fractions, "--fractions")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -27,7 +27,7 @@ LIMIT = 1.2
 
 CHILD = r"""
 import json, resource, sys, time
-from onnxlr.compress import compress_file
+from onnxlr.pipeline import compress_file
 t = time.perf_counter()
 _, report = compress_file(sys.argv[1], sys.argv[2], rank="0.5", calib=sys.argv[3], calib_mode=sys.argv[4],
                           overwrite=True)

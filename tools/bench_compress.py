@@ -114,8 +114,8 @@ def bench_vgg(out_dir: Path) -> dict:
 
 
 def bench_cp() -> dict:
-    from onnxlr.compress import single_threaded_blas
-    from onnxlr.decompose.cp import cp_chain
+    from onnxlr.pipeline import single_threaded_blas
+    from onnxlr.methods.cp import cp_chain
     from onnxlr.layers import ConvLayer
 
     rng = np.random.default_rng(1)

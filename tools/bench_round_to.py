@@ -49,9 +49,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlr
-from onnxlr.bench import bench
-from onnxlr.decompose import svd as svd_module
-from onnxlr.decompose import tucker as tucker_module
+from onnxlr.proof.bench import bench
+from onnxlr.methods import svd as svd_module
+from onnxlr.methods import tucker as tucker_module
 from onnxlr.ranks import round_up
 
 MULTIPLES = (1, 2, 4, 8, 16, 32)

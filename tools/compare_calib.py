@@ -20,8 +20,8 @@ from pathlib import Path
 
 import onnx
 
-from onnxlr.compress import compress
-from onnxlr.verify import verify
+from onnxlr.pipeline import compress
+from onnxlr.proof.verify import verify
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_SETS = {"efficientnet-lite0": ["eval_imagenet", "eval_crops"], "ppocr-v6-rec": ["eval"], "all-minilm-l6-v2": ["eval"]}

@@ -361,7 +361,7 @@ def compress_setting(spec: ModelSpec, setting: Setting, out_path: Path) -> dict:
 
 
 def agreement(spec: ModelSpec, reference: Path, candidate: Path, data: dict) -> dict:
-    from onnxlr.verify import verify
+    from onnxlr.proof.verify import verify
 
     result = verify(reference, candidate, inputs=data, max_rel_error=None)
     out = result.outputs[0]
@@ -376,7 +376,7 @@ def agreement(spec: ModelSpec, reference: Path, candidate: Path, data: dict) -> 
 
 def timing(paths: list[Path], shapes: dict, runs: int, warmup: int,
            int_range: tuple[int, int] = (0, 100)) -> list[dict]:
-    from onnxlr.bench import bench
+    from onnxlr.proof.bench import bench
 
     result = bench([str(p) for p in paths], shapes=shapes, runs=runs, warmup=warmup, batch=1,
                    int_range=tuple(int_range))

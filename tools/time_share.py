@@ -31,10 +31,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxlr import graph as g
+from onnxlr import model as g
 from onnxlr import runtime
-from onnxlr.verify import format_table
-from onnxlr.targets import find_targets
+from onnxlr.report.tables import format_rows as format_table
+from onnxlr.model.targets import find_targets
 
 GROUPS = ("factorizable", "depthwise", "other target", "rest")
 

@@ -15,10 +15,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxlr.graph import ConstantSource, constants_in, count_uses
-from onnxlr.layers import ConvLayer, LinearLayer
+from onnxlr.model.query import ConstantSource, constants_in, count_uses
+from onnxlr.layers import ConvLayer, LinearLayer, Replacement, chain_conv_macs, conv_macs, linear_macs
 
 FACTORIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+# Spatial size assumed per axis when neither shape inference nor a run can tell, only to decide
+# whether a replacement reduces MACs (the ratio barely depends on it); reports show unknown MACs as null.
+NOMINAL_SPATIAL = 16
 QUANTIZED_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul")
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
@@ -258,9 +261,10 @@ def _as_linear_weight(matrix: np.ndarray, alpha: float) -> np.ndarray:
     return np.asarray(matrix, dtype=np.float64) * alpha
 
 
-def fill_runtime_shapes(model: onnx.ModelProto, targets: list[Target]) -> None:
-    """Size the main-graph layers that shape inference could not, from one onnxruntime run."""
-    from onnxlr.graph import runtime_shapes
+def fill_runtime_shapes(model: onnx.ModelProto, targets: list[Target], feed: dict | None = None) -> None:
+    """Size the main-graph layers that shape inference could not, from one onnxruntime run on
+    ``feed`` (a real sample, or one at --shape shapes), else on zeros where only batch is dynamic."""
+    from onnxlr.model.query import runtime_shapes
 
     unsized = [
         t for t in targets
@@ -272,7 +276,7 @@ def fill_runtime_shapes(model: onnx.ModelProto, targets: list[Target]) -> None:
     for t in unsized:
         wanted[t.node.input[0]] = t.weight_dtype
         wanted[t.node.output[0]] = t.weight_dtype
-    shapes = runtime_shapes(model, wanted)
+    shapes = runtime_shapes(model, wanted, feed)
     for t in unsized:
         x, y = shapes.get(t.node.input[0]), shapes.get(t.node.output[0])
         if x is None or y is None:
@@ -282,3 +286,20 @@ def fill_runtime_shapes(model: onnx.ModelProto, targets: list[Target]) -> None:
         elif len(x) == len(y) == t.layer.spatial_rank + 2:
             t.in_spatial, t.out_spatial = tuple(x[2:]), tuple(y[2:])
 
+
+def layer_macs(target: Target, replacement: Replacement, nominal: bool = False) -> tuple[int | None, int | None]:
+    """(before, after) MACs per sample; ``nominal`` fills unknown sizes with a stand-in."""
+    layer = target.layer
+    if isinstance(layer, ConvLayer):
+        out_spatial, in_spatial = target.out_spatial, target.in_spatial
+        if nominal and (out_spatial is None or None in out_spatial or in_spatial is None or None in in_spatial):
+            out_spatial = (NOMINAL_SPATIAL,) * layer.spatial_rank
+            in_spatial = tuple(NOMINAL_SPATIAL * s for s in layer.strides)
+            before = conv_macs(layer.weight.shape, layer.group, out_spatial)
+            return before, chain_conv_macs(replacement.steps, in_spatial, None)
+        before = conv_macs(layer.weight.shape, layer.group, out_spatial)
+        after = chain_conv_macs(replacement.steps, in_spatial, out_spatial) if before is not None else None
+        return before, after
+    rows = target.rows if target.rows is not None or not nominal else 1
+    weights = [step.weight for step in replacement.steps]
+    return linear_macs([layer.weight], rows), linear_macs(weights, rows)

@@ -23,11 +23,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import onnx
 
-from onnxlr import budget
-from onnxlr import graph as g
+from onnxlr.budget import allocate as budget
+from onnxlr import model as g
 from onnxlr.errors import OnnxlrError
-from onnxlr.report import CompressReport
-from onnxlr.targets import find_targets
+from onnxlr.config import CompressConfig, apply_filters
+from onnxlr.model.targets import find_targets
+from onnxlr.report.compress import CompressReport
+from onnxlr.report.progress import Progress
 
 log = logging.getLogger("onnxlr")
 
@@ -72,7 +74,7 @@ class SweepResult:
         return sorted((p for p in self.points if p.kind == kind), key=lambda p: p.measured_speedup)
 
     def to_table(self) -> str:
-        from onnxlr.verify import format_table
+        from onnxlr.report.tables import format_rows as format_table
 
         rows = []
         for p in self.points:
@@ -145,7 +147,6 @@ def sweep(
     """Measure the budget frontier at ``targets`` (speedups) and the uniform one at ``uniform``
     (rank fractions). ``options`` are CompressConfig fields (calib, provider, method, round_to,
     include, exclude, cache_dir, ...)."""
-    from onnxlr.compress import CompressConfig, _apply_filters
 
     started = time.perf_counter()
     for x in targets:
@@ -159,7 +160,7 @@ def sweep(
     work = g.load_model(model) if not isinstance(model, onnx.ModelProto) else onnx.ModelProto.FromString(model.SerializeToString())
     g.fold_constant_weights(work)
     found = find_targets(work, g.infer_shapes(work))
-    _apply_filters(found, config, CompressReport())
+    apply_filters(found, config, CompressReport())
     plan = budget.build_plan(work, found, config, extra_fractions=tuple(uniform), cache_dir=config.cache_dir)
     del work, found
     baseline_metric = evaluate(onnx.load_from_string(plan.base)) if evaluate else None
@@ -185,13 +186,15 @@ def sweep(
                  "" if p.metric is None else f", metric {p.metric:.4f}")
         return p
 
+    progress = Progress("sweep: budget targets", len(targets), unit="targets")
     for i, x in enumerate(sorted(targets)):
         t0 = time.perf_counter()
         alloc = budget.solve(plan, target_speedup=x)
         p = point("budget", x, alloc.choice, alloc)
         p.seconds += time.perf_counter() - t0
         points.append(p)
-        budget._Progress("sweep: budget targets", len(targets)).update(i + 1, f"{x:g}x")
+        progress.update(i + 1, f"{x:g}x")
+    progress.close()
     for f in uniform:
         choice = {}
         for lp in plan.layers:

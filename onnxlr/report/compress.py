@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from onnxlr.report.tables import format_table, human, ratio
+
 
 @dataclass
 class LayerReport:
@@ -66,15 +68,15 @@ class CompressReport:
     def to_table(self) -> str:
         rows = [("layer", "op", "method", "ranks", "params", "MACs", "w.err", "note")]
         for layer in self.layers:
-            ranks = ",".join(str(v) for v in layer.ranks.values()) if layer.ranks else "-"
+            ranks = format_ranks(layer.ranks, short=True) if layer.ranks else "-"
             rows.append(
                 (
                     layer.name,
                     layer.op_type,
                     layer.method or "-",
                     ranks,
-                    f"{_human(layer.params_before)}->{_human(layer.params_after)}",
-                    f"{_human(layer.macs_before)}->{_human(layer.macs_after)}",
+                    f"{human(layer.params_before)}->{human(layer.params_after)}",
+                    f"{human(layer.macs_before)}->{human(layer.macs_after)}",
                     "-" if layer.weight_rel_error is None else f"{layer.weight_rel_error:.3g}",
                     layer.skipped or "; ".join(layer.notes),
                 )
@@ -86,8 +88,8 @@ class CompressReport:
                 "",
                 f"{t['layers_replaced']} replaced",
                 f"{t['layers_skipped']} kept",
-                f"{_human(t['params_before'])}->{_human(t['params_after'])} ({_ratio(t['params_before'], t['params_after'])})",
-                f"{_human(t['macs_before'])}->{_human(t['macs_after'])} ({_ratio(t['macs_before'], t['macs_after'])})",
+                f"{human(t['params_before'])}->{human(t['params_after'])} ({ratio(t['params_before'], t['params_after'])})",
+                f"{human(t['macs_before'])}->{human(t['macs_after'])} ({ratio(t['macs_before'], t['macs_after'])})",
                 "",
                 "",
             )
@@ -101,40 +103,15 @@ class CompressReport:
         return "\n".join(lines)
 
 
-def format_table(rows: list[tuple]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    out = []
-    for j, row in enumerate(rows):
-        out.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return out
-
-
-def _human(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)
-
-
-def _ratio(before: int | None, after: int | None) -> str:
-    if not before or not after:
-        return "?"
-    return f"{before / after:.2f}x"
-
-
 def compress_summary(report: CompressReport, verification, timing) -> str:
     """One table after `compress --verify`: size, cost, agreement and measured speed."""
     t = report.totals
     base, compressed = timing.models[0], timing.models[1]
     rows = [("", "original", "compressed", "ratio")]
-    rows.append(("params (Conv/Gemm/MatMul weights)", _human(t["params_before"]), _human(t["params_after"]),
-                 _ratio(t["params_before"], t["params_after"])))
-    rows.append(("MACs (Conv/Gemm/MatMul)", _human(t["macs_before"]), _human(t["macs_after"]),
-                 _ratio(t["macs_before"], t["macs_after"])))
+    rows.append(("params (Conv/Gemm/MatMul weights)", human(t["params_before"]), human(t["params_after"]),
+                 ratio(t["params_before"], t["params_after"])))
+    rows.append(("MACs (Conv/Gemm/MatMul)", human(t["macs_before"]), human(t["macs_after"]),
+                 ratio(t["macs_before"], t["macs_after"])))
     rows.append((f"latency median ms ({timing.providers[0]}, {timing.threads} threads)",
                  f"{base.median_ms:.3g}", f"{compressed.median_ms:.3g}",
                  f"{compressed.speedup:.2f}x (p10-p90 {compressed.speedup_p10:.2f}-{compressed.speedup_p90:.2f})"))
@@ -148,3 +125,10 @@ def compress_summary(report: CompressReport, verification, timing) -> str:
     lines.append(f"verification {verdict} on {verification.inputs.get('samples')} samples "
                  f"({verification.inputs.get('source')}); speedup is the median of {timing.runs} interleaved pairs")
     return "\n".join(lines)
+
+
+def format_ranks(ranks: dict, short: bool = False) -> str:
+    """``{'rank_in': 24, 'rank_out': 48}`` -> ``in 24, out 48`` (``24,48`` when ``short``)."""
+    if short:
+        return ",".join(str(v) for v in ranks.values())
+    return ", ".join(str(v) if k == "rank" else f"{k.removeprefix('rank_')} {v}" for k, v in ranks.items())

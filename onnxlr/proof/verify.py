@@ -30,12 +30,13 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnxlr import graph, report, runtime
+from onnxlr import data, runtime
+from onnxlr import model as graph
+from onnxlr.report.tables import format_rows
 from onnxlr.errors import OnnxlrError
 
 log = logging.getLogger("onnxlr")
@@ -183,12 +184,15 @@ def verify(
     specs = runtime.input_specs(ref_sess)
     runtime.check_same_inputs(specs, runtime.input_specs(cand_sess), cand_label)
 
-    data, info = _dataset(specs, inputs, shapes, samples, seed, int_range)
-    rows, exact = runtime.feed_rows([specs, runtime.input_specs(cand_sess)], chunk)
-    feeds = list(runtime.iter_feeds(data, rows, exact))
-    log.info("feeding %d sample(s) in %d run(s) per model", _sample_count(data), len(feeds))
-    info["samples"] = _sample_count(data)
-    info["feed_shapes"] = {k: list(v.shape) for k, v in feeds[0].items()}
+    source = data.open_source(inputs, specs, shapes=shapes, samples=samples, seed=seed, int_range=int_range)
+    feeds = list(data.batches(source, specs, chunk))
+    if not feeds:
+        raise OnnxlrError(f"{source.label} holds no samples")
+    count = sum(data.sample_rows(f, specs) for f in feeds)
+    log.info("feeding %d sample(s) in %d run(s) per model", count, len(feeds))
+    info = {"source": source.label, "samples": count, "feed_shapes": {k: list(v.shape) for k, v in feeds[0].items()}}
+    if inputs is None:
+        info.update(seed=seed, int_range=list(int_range))
 
     names = [o.name for o in ref_sess.get_outputs()]
     cand_names = {o.name for o in cand_sess.get_outputs()}
@@ -226,27 +230,6 @@ def parse_tolerance(text: str) -> float | None:
     if not value >= 0:
         raise OnnxlrError(f"bad tolerance {text!r}; give a number >= 0, or 'none' to turn it off")
     return value
-
-
-# --- data -----------------------------------------------------------------------------------
-
-
-def _dataset(specs, inputs, shapes, samples, seed, int_range):
-    if inputs is None:
-        feed_shapes = runtime.resolve_shapes(specs, shapes)
-        data = runtime.random_inputs(specs, feed_shapes, samples, seed=seed, int_range=int_range)
-        info = {"source": "random", "seed": seed, "int_range": list(int_range)}
-        return data, info
-    if shapes:
-        raise OnnxlrError("--shape applies to random inputs only; with --inputs the data's "
-                          "shapes are used, so drop --shape")
-    if isinstance(inputs, Mapping):
-        return runtime.check_data(inputs, specs), {"source": "arrays"}
-    return runtime.load_npz(inputs, specs), {"source": str(inputs)}
-
-
-def _sample_count(data) -> int:
-    return next((a.shape[0] for a in data.values() if a.ndim), 1)
 
 
 # --- comparison -----------------------------------------------------------------------------
@@ -505,15 +488,12 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> tuple[onnx.Mo
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    return "\n".join(report.format_table([tuple(headers), *map(tuple, rows)]))
+    return format_rows(headers, rows)
 
 
-def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write ``data`` as indented JSON; an unwritable path is an ``OnnxlrError``."""
-    try:
-        Path(path).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    except OSError as exc:
-        raise OnnxlrError(f"cannot write {path}: {exc.strerror}; check the directory") from None
+def write_json(path: str | os.PathLike, content: dict) -> None:
+    """Write ``content`` as indented JSON, atomically; an unwritable path is an ``OnnxlrError``."""
+    graph.write_text_atomic(path, json.dumps(content, indent=2, allow_nan=False) + "\n")
 
 
 def _json_safe(value):

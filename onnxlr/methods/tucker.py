@@ -15,12 +15,16 @@ block-diagonal structure survives (R3 and R4 are then per group).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 
-from onnxlr.decompose.linalg import left_singular, unfold
+from onnxlr.calib import fit
 from onnxlr.layers import ConvLayer, ConvStep, Replacement
+from onnxlr.methods.base import Fit, Method, needs_kxk_conv
+from onnxlr.methods.linalg import left_singular, unfold
+from onnxlr.ranks import RankLog, RankSpec, tucker_ranks
 
 # (output-mode spectra, input-mode spectra, T_g, S_g) -> (R4, R3), one spectrum per group
 TuckerRankChooser = Callable[[list[np.ndarray], list[np.ndarray], int, int], tuple[int, int]]
@@ -91,3 +95,58 @@ def tucker2_chain(layer: ConvLayer, choose: TuckerRankChooser) -> Replacement:
         ranks={"rank_in": r3, "rank_out": r4},
         reconstruction=np.concatenate(reconstructions, axis=0),
     )
+
+
+# --- the method -----------------------------------------------------------------------------
+
+
+def factorize(layer: ConvLayer, ranks: RankSpec | dict, round_to: int) -> tuple[Replacement, RankLog]:
+    log = RankLog()
+    group_shape = layer.group_weights()[0].shape
+
+    def choose(out, inp, t, s):
+        if isinstance(ranks, dict):
+            return int(ranks["rank_out"]), int(ranks["rank_in"])
+        return tucker_ranks(ranks, out, inp, group_shape, round_to, log)
+
+    return tucker2_chain(layer, choose), log
+
+
+def refit(layer: ConvLayer, replacement: Replacement, weights, biases, moments, fit_bias: bool,
+          paired_ridge: float | None = None, shrink: bool = False) -> Fit:
+    """Core refit (whitened least squares given U_in and U_out), then the last factor and bias."""
+    g_, steps = layer.group, replacement.steps
+    s_g, k = layer.weight.shape[1], int(np.prod(layer.kernel))
+    first, last = steps[0].weight, steps[2].weight
+    r3, r4 = first.shape[0] // g_, last.shape[1]
+    t_g = weights[0].shape[0]
+    parts = []
+    for gi, (w, b, m) in enumerate(zip(weights, biases, moments)):
+        u_in = first[gi * r3 : (gi + 1) * r3].reshape(r3, s_g).T.astype(np.float64)
+        u_out = last[gi * t_g : (gi + 1) * t_g].reshape(t_g, r4).astype(np.float64)
+        q, _ = np.linalg.qr(u_out)
+        core = fit.refit_tucker_core(w, u_in, q, k, m, fit_bias)  # [R4, R3*k]
+        chain = np.einsum("rqk,qs->rsk", core.reshape(r4, r3, k), u_in.T).reshape(r4, -1)
+        u, new_bias = fit.refit_last(w, b, chain, m, fit_bias)
+        parts.append((u, chain, new_bias, core.reshape(r4, r3, *layer.kernel)))
+    return Fit([u @ chain for u, chain, _, _ in parts], [nb for _, _, nb, _ in parts], parts)
+
+
+def rebuild(layer: ConvLayer, replacement: Replacement, refitted: Fit) -> Replacement:
+    steps, parts = replacement.steps, refitted.parts
+    g_, kernel, s_g = layer.group, layer.kernel, layer.weight.shape[1]
+    t_g, ones = layer.out_channels // g_, (1,) * layer.spatial_rank
+    r4 = steps[2].weight.shape[1]
+    core_w = np.concatenate([core for _, _, _, core in parts], axis=0)
+    last = np.concatenate([u.reshape(t_g, r4, *ones) for u, _, _, _ in parts], axis=0)
+    new_steps = [steps[0], replace(steps[1], weight=core_w), replace(steps[2], weight=last)]
+    reconstruction = np.concatenate([(u @ chain).reshape(t_g, s_g, *kernel) for u, chain, _, _ in parts], axis=0)
+    return replace(replacement, steps=new_steps, reconstruction=reconstruction, weight_rel_error=None,
+                   notes=list(replacement.notes))
+
+
+METHOD = Method(
+    name="tucker",
+    summary="KxK conv: 1x1 S->R3, KxK R3->R4 (original attributes), 1x1 R4->T (bias)",
+    check=needs_kxk_conv("tucker"), factorize=factorize, refit=refit, rebuild=rebuild,
+)

@@ -15,16 +15,15 @@ all models alike. Per model:
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
-from onnxlr import runtime
+from onnxlr import data, runtime
 from onnxlr.errors import OnnxlrError
-from onnxlr.verify import format_table
+from onnxlr.report.tables import format_rows as format_table
 
 log = logging.getLogger("onnxlr")
 
@@ -125,14 +124,14 @@ def bench(
     specs = runtime.input_specs(sessions[0])
     for sess, label in zip(sessions[1:], labels[1:]):
         runtime.check_same_inputs(specs, runtime.input_specs(sess), label)
-    feed_shapes = runtime.resolve_shapes(specs, shapes, batch)
-    feed = runtime.random_inputs(specs, feed_shapes, 1, seed=seed, int_range=int_range)
-    per_run = next((s[0] for s in feed_shapes.values() if s), 1)
+    feed_shapes = data.resolve_shapes(specs, shapes, batch)
+    feed = next(iter(data.random_source(specs, feed_shapes, 1, seed=seed, int_range=int_range)))
+    per_run = data.sample_rows(feed, specs)
 
     for sess, label in zip(sessions, labels):  # first run: catches shape errors as user errors
         runtime.run_session(sess, feed, None, label)
     runners = [runtime.timed_runner(s, feed, host_io=host_io) for s in sessions]
-    times = _interleaved(runners, warmup, runs)
+    times = runtime.interleaved(runners, warmup, runs)
 
     timings = []
     for i, (label, t) in enumerate(zip(labels, times)):
@@ -158,19 +157,3 @@ def bench(
         input_shapes={k: list(v) for k, v in feed_shapes.items()},
         io="host" if host_io or providers[0] == "CPUExecutionProvider" else "device",
     )
-
-
-def _interleaved(runners, warmup: int, runs: int) -> np.ndarray:
-    """Seconds per call of each runner (:func:`runtime.timed_runner`), shape [models, runs]:
-    round r calls every runner once, in order on even rounds and in reverse on odd ones, so that
-    going first or last favours no model."""
-    times = np.empty((len(runners), runs))
-    clock = time.perf_counter
-    order = list(enumerate(runners))
-    for r in range(-warmup, runs):
-        for i, run in order if r % 2 == 0 else order[::-1]:
-            start = clock()
-            run()
-            if r >= 0:
-                times[i, r] = clock() - start
-    return times

@@ -20,14 +20,18 @@ Grouped convs use R terms per group and keep the group structure in every conv o
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 import scipy.linalg
 
-from onnxlr.decompose.linalg import left_singular, unfold
-from onnxlr.decompose.tucker import project
+from onnxlr.calib import fit
 from onnxlr.layers import ConvLayer, ConvStep, Replacement
+from onnxlr.methods.base import Fit, Method, needs_kxk_conv
+from onnxlr.methods.linalg import left_singular, unfold
+from onnxlr.methods.tucker import project
+from onnxlr.ranks import RankLog, RankSpec, cp_rank
 
 # (output-mode spectra, input-mode spectra, T_g, S_g, kernel) -> R, one spectrum per group
 CpRankChooser = Callable[[list[np.ndarray], list[np.ndarray], int, int, tuple[int, ...]], int]
@@ -220,3 +224,70 @@ def cp_chain(layer: ConvLayer, choose: CpRankChooser) -> Replacement:
     steps.append(ConvStep(last.reshape(layer.out_channels, rank, *ones), bias=layer.bias, group=g))
     reconstruction = np.concatenate([reconstruct(f) for f in per_group], axis=0)
     return Replacement(method="cp", steps=steps, ranks={"rank": rank}, reconstruction=reconstruction)
+
+
+# --- the method -----------------------------------------------------------------------------
+
+
+def factorize(layer: ConvLayer, ranks: RankSpec | dict, round_to: int) -> tuple[Replacement, RankLog]:
+    log = RankLog()
+    group_shape = layer.group_weights()[0].shape
+
+    def choose(out, inp, t, s, k):
+        if isinstance(ranks, dict):
+            return int(ranks["rank"])
+        return cp_rank(ranks, out, inp, group_shape, round_to, log)
+
+    return cp_chain(layer, choose), log
+
+
+def chain_maps(layer: ConvLayer, replacement: Replacement) -> list[np.ndarray]:
+    """B_g [R, n] per group: the chain up to its last 1x1 conv, as a map of the im2col patch."""
+    g_, steps = layer.group, replacement.steps
+    s_g, kernel = layer.weight.shape[1], layer.kernel
+    rank = steps[-1].weight.shape[1]
+    first = steps[0].weight.reshape(g_ * rank, s_g)
+    real_axes = [a for a in range(layer.spatial_rank) if kernel[a] > 1]
+    taps = {a: steps[1 + i].weight.reshape(g_ * rank, kernel[a]) for i, a in enumerate(real_axes)}
+    maps = []
+    for gi in range(g_):
+        rows = slice(gi * rank, (gi + 1) * rank)
+        b = first[rows].astype(np.float64)
+        for a in range(layer.spatial_rank):
+            t = taps[a][rows] if a in taps else np.ones((rank, 1))
+            b = b[..., None] * t.reshape((rank,) + (1,) * (b.ndim - 1) + (t.shape[1],))
+        maps.append(b.reshape(rank, -1))
+    return maps
+
+
+def refit_last_factor(layer: ConvLayer, replacement: Replacement, maps, weights, biases, moments,
+                      fit_bias: bool) -> Fit:
+    """The last 1x1 conv and the bias by least squares, the chain before it (``maps``) fixed."""
+    parts = [(*fit.refit_last(w, b, bm, m, fit_bias), bm) for w, b, bm, m in zip(weights, biases, maps, moments)]
+    return Fit([u @ bm for u, _, bm in parts], [nb for _, nb, _ in parts], parts)
+
+
+def rebuild_last_factor(layer: ConvLayer, replacement: Replacement, refitted: Fit) -> Replacement:
+    """The chain with its last step's weight [T, R_in/group, 1...] replaced by the refitted U_g."""
+    steps = list(replacement.steps)
+    g_, kernel, s_g = layer.group, layer.kernel, layer.weight.shape[1]
+    t_g = layer.out_channels // g_
+    last_shape = steps[-1].weight.shape
+    last = np.concatenate([u.reshape(t_g, *last_shape[1:]) for u, _, _ in refitted.parts], axis=0)
+    steps[-1] = replace(steps[-1], weight=last)
+    reconstruction = np.concatenate([(u @ bm).reshape(t_g, s_g, *kernel) for u, _, bm in refitted.parts], axis=0)
+    return replace(replacement, steps=steps, reconstruction=reconstruction, weight_rel_error=None,
+                   notes=list(replacement.notes))
+
+
+def refit(layer: ConvLayer, replacement: Replacement, weights, biases, moments, fit_bias: bool,
+          paired_ridge: float | None = None, shrink: bool = False) -> Fit:
+    return refit_last_factor(layer, replacement, chain_maps(layer, replacement), weights, biases,
+                             moments, fit_bias)
+
+
+METHOD = Method(
+    name="cp",
+    summary="KxK conv: 1x1 S->R, depthwise Kx1 and 1xK (group R), 1x1 R->T (bias)",
+    check=needs_kxk_conv("cp"), factorize=factorize, refit=refit, rebuild=rebuild_last_factor,
+)

@@ -46,20 +46,25 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import re
-import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from onnxlr import graph as g
-from onnxlr import latency, runtime
+from onnxlr import data, methods, runtime
+from onnxlr import model as g
+from onnxlr.budget import latency
+from onnxlr.decisions import Decision
 from onnxlr.errors import OnnxlrError
-from onnxlr.layers import ConvLayer, Replacement
+from onnxlr.layers import ConvLayer, Replacement, conv_macs, linear_macs
+from onnxlr.methods.linalg import single_threaded_blas
+from onnxlr.model.opset import default_opset
+from onnxlr.model.splice import read_bias, splice
+from onnxlr.model.targets import Target, find_targets, layer_macs
 from onnxlr.ranks import RankSpec
-from onnxlr.targets import Target, find_targets
+from onnxlr.report.compress import format_ranks
+from onnxlr.report.progress import Progress
 
 log = logging.getLogger("onnxlr")
 
@@ -84,13 +89,12 @@ class Candidate:
     replacement: Replacement
     macs: int | None
     weight_error: float
-    new_bias: np.ndarray | None = None
     ms: float | None = None
     damage: float | None = None
     dropped: str | None = None
 
     def label(self) -> str:
-        return f"{self.method} {self.fraction:g} {self.ranks}"
+        return f"{self.method} {self.fraction:g} ({format_ranks(self.ranks)})"
 
 
 @dataclass
@@ -118,13 +122,13 @@ class Plan:
     model_ms: float
     total_macs: int
     data_aware: bool
-    check_data: dict  # samples for error checks (calibration data, or seeded random inputs)
-    timing_feed: dict  # one batch-1 feed for end-to-end timing
+    check_feeds: list  # feeds of the samples errors are measured on (held-out calibration samples, or random)
+    timing_feed: dict  # one sample, for end-to-end timing
     reference_outputs: list
     alpha: float = 1.0
     error_scale: float = 1.0
     seconds: dict = field(default_factory=dict)
-    fit_samples: int | None = None  # calibration samples the candidates are refined on (the first ones)
+    check_samples: int = 0  # samples in check_feeds
     logits: dict = field(default_factory=dict)  # Softmax inputs errors are measured on (name -> dtype)
 
 
@@ -152,84 +156,37 @@ class Allocation:
         }
 
 
-class _Progress:
-    def __init__(self, label: str, total: int):
-        self.label, self.total, self.tty = label, total, sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-
-    def update(self, done: int, what: str = "") -> None:
-        msg = f"{self.label} {done}/{self.total} {what} ({time.perf_counter() - self.t0:.0f} s)"
-        if self.tty:
-            print(f"\r\033[K{msg}", end="", file=sys.stderr, flush=True)
-        else:
-            log.info(msg)
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
-
-
 # --- building the plan ----------------------------------------------------------------------
 
 
-def _methods(target: Target, requested: str) -> tuple[str, ...]:
-    layer = target.layer
-    if isinstance(layer, ConvLayer) and not layer.is_pointwise:
-        return ("tucker", "svd") if requested == "auto" else (requested,)
-    return ("svd",)
+def check_samples(model: onnx.ModelProto, calib, limit: int, calib_samples: int | None = None) -> list[dict]:
+    """The samples errors are measured on.
 
-
-def _load_data(model_bytes: bytes, calib, samples: int, fit_samples: int | None = None) -> tuple[dict, dict, int | None]:
-    """(check data: up to ``samples`` samples, timing feed: one sample, refinement samples).
-
-    With calibration data the check samples are **held out** from the samples the candidates are
-    refined on (``fit_samples``, the first ones, as :class:`onnxlr.calibrate.Calibrator` reads
-    them): the samples after them, or, when ``fit_samples`` is None (all) or leaves too few, the
-    last ``samples`` with the refinement limited to the ones before. Damages measured on the
-    refinement samples are optimistic for exactly the candidates that fit them best (low ranks),
-    so the allocation would favour them. Only a file with fewer than 2 x ``samples`` samples is
-    scored in-sample (logged). Returns the refinement limit to use (None: all samples)."""
-    session = runtime.make_session(model_bytes, threads=1)
-    specs = runtime.input_specs(session)
+    With calibration data: its held-out samples (every data.HOLDOUT_EVERY-th of the first
+    ``calib_samples``, the ones calibration never fits on), at most ``limit``; otherwise ``limit``
+    seeded random samples."""
+    specs = data.model_input_specs(model)
     if calib is not None:
-        from onnxlr.calibrate import data_files
-
-        data = runtime.load_npz(data_files(calib)[0], specs)
-        n = min((v.shape[0] for v in data.values() if v.ndim), default=0)
-        fit = n if fit_samples is None else min(int(fit_samples), n)
-        if n - fit >= min(samples, n // 2) and n - fit > 0:
-            start = fit  # the samples after the refinement's
-        elif n >= 2 * samples:
-            start = fit = n - samples  # the last ones; refine on the rest
-        else:
-            start = 0
-            log.info("budget: only %d calibration samples: damage is measured on samples also used to refine", n)
-        if start:
-            log.info("budget: candidates refined on calibration samples 0-%d, damage and checks on %d-%d (held out)",
-                     fit - 1, start, min(start + samples, n) - 1)
-        data = {k: (v[start:start + samples] if v.ndim else v) for k, v in data.items()}
-        fit_samples = fit if start else fit_samples
+        source = data.open_source(calib, specs, what="--calib")
+        samples = list(data.limited(data.split_held_out(data.limited(source, calib_samples), held=True), limit))
+        if not samples:
+            raise OnnxlrError(f"--calib {source.label}: fewer than {data.HOLDOUT_EVERY} samples; a budget scores "
+                              f"on every {data.HOLDOUT_EVERY}th sample, held out from the refinement: give more samples")
     else:
-        shapes = runtime.resolve_shapes(specs, None, 1)
-        data = runtime.random_inputs(specs, shapes, samples, seed=0)
-    feed = {k: (v[:1] if v.ndim else v) for k, v in data.items()}
-    return data, feed, fit_samples
+        samples = list(data.random_source(specs, None, limit))
+    return samples
 
 
-def run_outputs(model: bytes | onnx.ModelProto, data: dict, extra: dict | None = None) -> list[np.ndarray]:
-    """Every graph output (then the ``extra`` tensors, name -> dtype) over all samples of
-    ``data``, concatenated."""
+def run_outputs(model: bytes | onnx.ModelProto, feeds: list, extra: dict | None = None) -> list[np.ndarray]:
+    """Every graph output (then the ``extra`` tensors, name -> dtype) over all ``feeds``,
+    concatenated."""
     if extra:
         m = onnx.load_from_string(model if isinstance(model, bytes) else model.SerializeToString())
-        for name, dtype in extra.items():
-            m.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
-        model = m
+        model = g.expose_outputs(m, extra)
     session = runtime.make_session(model)
-    specs = runtime.input_specs(session)
-    rows, exact = runtime.feed_rows([specs], 16)
     names = [o.name for o in session.get_outputs()]
     parts: list[list[np.ndarray]] = [[] for _ in names]
-    for feed in runtime.iter_feeds(data, rows, exact):
+    for feed in feeds:
         for i, out in enumerate(session.run(names, feed)):
             parts[i].append(np.asarray(out))
     outs = []
@@ -257,11 +214,11 @@ def softmax_logits(model: onnx.ModelProto) -> dict:
     return found
 
 
-def scored_outputs(plan: Plan, model: bytes | onnx.ModelProto, data: dict) -> list[np.ndarray]:
+def scored_outputs(plan: Plan, model: bytes | onnx.ModelProto, feeds: list) -> list[np.ndarray]:
     """The outputs errors are measured on: the graph outputs, or the logits of Softmax outputs."""
     if not plan.logits:
-        return run_outputs(model, data)
-    return run_outputs(model, data, plan.logits)[-len(plan.logits):]
+        return run_outputs(model, feeds)
+    return run_outputs(model, feeds, plan.logits)[-len(plan.logits):]
 
 
 def output_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
@@ -282,18 +239,15 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
 
     ``work`` is the prepared model (constants folded) and ``targets`` its find_targets list with
     filters applied; neither is modified."""
-    from onnxlr.compress import decompose, layer_macs, single_threaded_blas
-    from onnxlr.splice import default_opset
-
     started = time.perf_counter()
     fractions = tuple(fractions or FRACTIONS)
     provider = getattr(config, "provider", "cpu") or "cpu"
     base = work.SerializeToString()
     data_aware = config.calib is not None
-    samples = DAMAGE_SAMPLES if data_aware else CHECK_SAMPLES
-    check_data, feed, fit_samples = _load_data(base, config.calib, max(samples, CHECK_SAMPLES),
-                                               getattr(config, "calib_samples", None))
-    damage_data = {k: (v[:DAMAGE_SAMPLES] if v.ndim else v) for k, v in check_data.items()}
+    samples = check_samples(work, config.calib, CHECK_SAMPLES, getattr(config, "calib_samples", None))
+    specs = data.model_input_specs(work)
+    check, feed, n_check = list(data.batches(samples, specs)), samples[0], len(samples)
+    damage = list(data.batches(samples[:DAMAGE_SAMPLES], specs))
     shapes = g.infer_shapes(work)
     opset = default_opset(work)
     todo = [(i, t) for i, t in enumerate(targets) if t.skip is None and t.layer is not None]
@@ -304,13 +258,13 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
     real_shape = {k: tuple(v.shape) for k, v in feed.items()}
     exposed = {t.node.input[0]: t.weight_dtype for _, t in todo
                if id(t.node) in main_nodes and t.node.input[0] not in feed and t.node.input[0] not in outputs}
-    probe = run_outputs(base, feed, exposed)
+    probe = run_outputs(base, [feed], exposed)
     real_shape.update(zip(exposed, (tuple(a.shape) for a in probe[len(outputs):])))
 
     # 1. candidates
     layers: list[LayerPlan] = []
     fr_all = tuple(sorted(set(fractions) | set(extra_fractions)))
-    progress = _Progress("budget: factorizing candidates", len(todo))
+    progress = Progress("budget: factorizing candidates", len(todo), unit="layers")
     with single_threaded_blas():
         for k, (i, t) in enumerate(todo):
             lp = LayerPlan(i, t.name, t.op_type, None, real_shape.get(t.node.input[0]))
@@ -319,10 +273,10 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
                 layers.append(lp)
                 continue
             seen = set()
-            for method in _methods(t, config.method):
+            for method in (m.name for m in methods.budget_methods(t.layer, config.method)):
                 for f in fr_all:
                     try:
-                        rep, _ = decompose(t, method, RankSpec("fraction", f), config.round_to)
+                        rep, _ = methods.get(method).factorize(t.layer, RankSpec("fraction", f), config.round_to)
                     except OnnxlrError as exc:
                         log.info("%s: %s %g: %s", t.name, method, f, exc)
                         continue
@@ -353,7 +307,7 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
 
     # 2. cost: microbenchmarks
     cache = latency.LatencyCache(cache_dir)
-    progress = _Progress("budget: timing layers", len(layers))
+    progress = Progress("budget: timing layers", len(layers), unit="layers")
     by_index = dict(todo)
     for k, lp in enumerate(layers):
         if lp.kept is not None:
@@ -377,16 +331,16 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
     model_ms = latency.time_models([onnx.load_from_string(base)], feed, provider, budget_s=1.0)[0]
     layer_sum = sum(lp.ms or 0 for lp in layers)
     alpha = float(np.clip(model_ms / layer_sum, 0.5, 3.0)) if layer_sum > 0 else 1.0
-    plan = Plan(base, layers, provider, model_ms, total_macs, data_aware, check_data, feed, [],
-                alpha=alpha, fit_samples=fit_samples, logits=softmax_logits(work))
+    plan = Plan(base, layers, provider, model_ms, total_macs, data_aware, check, feed, [],
+                alpha=alpha, check_samples=n_check, logits=softmax_logits(work))
     if plan.logits:
         log.info("budget: output errors on the logits of the Softmax output(s) %s", ", ".join(plan.logits))
-    plan.reference_outputs = scored_outputs(plan, base, check_data)
+    plan.reference_outputs = scored_outputs(plan, base, check)
     log.info("budget: model %.3f ms, factorizable layers alone %.3f ms, alpha %.2f", model_ms, layer_sum, alpha)
 
     # 3. damage
     if data_aware:
-        _data_damage(plan, work, targets, todo, config, damage_data)
+        _data_damage(plan, work, todo, config, damage)
     else:
         for lp in layers:
             for c in lp.usable():
@@ -403,25 +357,24 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
 
 
 def _layer_macs_only(t: Target) -> int | None:
-    from onnxlr.layers import conv_macs, linear_macs
-
     if isinstance(t.layer, ConvLayer):
         return conv_macs(t.layer.weight.shape, t.layer.group, t.out_spatial)
     return linear_macs([t.layer.weight], t.rows)
 
 
-def _data_damage(plan: Plan, work, targets, todo, config, damage_data) -> None:
-    """Refine every usable candidate on the calibration data, then d = rel. output error^2 of the
-    model with that one layer replaced."""
-    from onnxlr.calibrate import Calibrator, read_bias, refine_replacement
+def _data_damage(plan: Plan, work, todo, config, damage_feeds) -> None:
+    """Refine every candidate on the calibration samples that are not held out (symmetric
+    statistics), then d = relative output error^2, on held-out samples, of the model with that
+    one layer replaced."""
+    from onnxlr.calib.collect import Calibrator, refine_replacement
 
-    with _blas1():
-        calibrator = Calibrator(work, [t for _, t in todo], config.calib, plan.fit_samples, "symmetric",
-                                getattr(config, "calib_mask", "auto"))
+    with single_threaded_blas():
+        calibrator = Calibrator(work, [t for _, t in todo], config.calib, getattr(config, "calib_samples", None),
+                                "symmetric", getattr(config, "calib_mask", "auto"), merge_held=False)
         by_index = dict(todo)
-        reference = scored_outputs(plan, plan.base, damage_data)
+        reference = scored_outputs(plan, plan.base, damage_feeds)
         n = sum(len(lp.usable()) for lp in plan.layers)
-        progress = _Progress("budget: damage on calibration data", n)
+        progress = Progress("budget: damage on calibration data", n, unit="candidates")
         done = 0
         for lp in plan.layers:
             # refine every candidate a model may use (uniform sweeps too), score the usable ones
@@ -433,24 +386,17 @@ def _data_damage(plan: Plan, work, targets, todo, config, damage_data) -> None:
             bias, fit_bias = read_bias(t)
             for c in refinable:
                 if stats is not None:
-                    new, new_bias, _note = refine_replacement(t.layer, bias, fit_bias, c.replacement, stats.fit, stats.held)
-                    if new is not c.replacement:
-                        c.replacement = new
-                        c.new_bias = new_bias if fit_bias else None
+                    c.replacement, _ = refine_replacement(t.layer, bias, fit_bias, c.replacement, stats.fit,
+                                                          stats.held, merge_held=False)
                 if c.dropped is not None:
                     continue
                 model = build_model(plan, {lp.index: c})
-                c.damage = output_error(reference, scored_outputs(plan, model, damage_data)) ** 2
+                c.damage = output_error(reference, scored_outputs(plan, model, damage_feeds)) ** 2
                 done += 1
                 progress.update(done, lp.name)
             calibrator.release(t)
         progress.close()
-
-
-def _blas1():
-    from onnxlr.compress import single_threaded_blas
-
-    return single_threaded_blas()
+        plan.calib_samples = calibrator.total
 
 
 # --- building and measuring -----------------------------------------------------------------
@@ -458,26 +404,18 @@ def _blas1():
 
 def build_model(plan: Plan, choice: dict) -> onnx.ModelProto:
     """The prepared model with the chosen layers replaced."""
-    from onnxlr.splice import default_opset, splice
-
     model = onnx.load_from_string(plan.base)
     targets = find_targets(model, {})
     names = g.NameScope(g.all_names(model))
     opset = default_opset(model)
     for index, cand in choice.items():
         t = targets[index]
-        new_nodes = splice(t, cand.replacement, names, opset, model.ir_version)
-        if cand.new_bias is not None:
-            from onnxlr.calibrate import write_bias
-
-            write_bias(t, new_nodes, cand.new_bias, names)
+        splice(t, cand.replacement, names, opset, model.ir_version)
     return model
 
 
 def measure(plan: Plan, model: onnx.ModelProto, budget_s: float = MODEL_BUDGET_S) -> tuple[float, float]:
     """(measured speedup: median of per-round ratios, relative output error on the check data)."""
-    from onnxlr.bench import _interleaved
-
     base = onnx.load_from_string(plan.base)
     providers = runtime.resolve_provider(plan.provider)
     sessions = [runtime.make_session(m, providers=providers, threads=latency.bench_threads()) for m in (base, model)]
@@ -487,10 +425,10 @@ def measure(plan: Plan, model: onnx.ModelProto, budget_s: float = MODEL_BUDGET_S
     for s in sessions:
         s.run(None, plan.timing_feed)
     runs = int(np.clip(budget_s / max(time.perf_counter() - t0, 1e-6), 20, 400))
-    times = _interleaved([runtime.timed_runner(s, plan.timing_feed) for s in sessions], 5, runs)
+    times = runtime.interleaved([runtime.timed_runner(s, plan.timing_feed) for s in sessions], 5, runs)
     del sessions
     speedup = float(np.median(times[0] / times[1]))
-    error = output_error(plan.reference_outputs, scored_outputs(plan, model, plan.check_data))
+    error = output_error(plan.reference_outputs, scored_outputs(plan, model, plan.check_feeds))
     return speedup, error
 
 
@@ -639,36 +577,38 @@ def solve(plan: Plan, *, target_speedup=None, target_macs=None, max_error=None, 
 # --- the compress hook ----------------------------------------------------------------------
 
 
-def apply_budget(work: onnx.ModelProto, targets: list[Target], config, report):
-    """Choose per layer; mark kept layers' skip reasons; return a config whose rules pin the
-    chosen method and rank fraction of every chosen layer (compress then factorizes as usual)."""
-    from dataclasses import replace
-
-    from onnxlr.compress import Rule
-
+def plan_decisions(work: onnx.ModelProto, targets: list[Target], config, report) -> list[Decision]:
+    """Choose per layer (build_plan + solve) and return the decisions of the measured allocation:
+    each carries the finished (refined) replacement that was timed and scored, so the model the
+    pipeline writes is the model the budget measured. Layers kept get their reason in
+    ``target.skip``; the report gets the goal, the prediction and the measurements."""
     plan = build_plan(work, targets, config, cache_dir=getattr(config, "cache_dir", None))
     alloc = solve(plan, target_speedup=config.target_speedup, target_macs=config.target_macs,
                   max_error=config.max_error)
-    rules = []
+    decisions = []
     for lp in plan.layers:
         t = targets[lp.index]
         cand = alloc.choice.get(lp.index)
         if cand is None:
             t.skip = f"budget: kept ({lp.kept or 'not needed for the target'})"
             continue
-        rules.append(Rule(match=f"^{re.escape(t.name)}$", method=cand.method, rank=RankSpec("fraction", cand.fraction)))
+        note = f"budget: {cand.method} at {cand.fraction:g} of the ranks"
+        decisions.append(Decision(lp.index, t.node.output[0], cand.method, dict(cand.ranks), cand.replacement, [note]))
     goal = (f"target speedup {config.target_speedup:g}x" if config.target_speedup is not None else
             f"target MACs {config.target_macs:g}" if config.target_macs is not None else
             f"max error {config.max_error:g}")
+    where = (f"{plan.check_samples} held-out calibration samples (every {data.HOLDOUT_EVERY}th)" if plan.data_aware
+             else f"{plan.check_samples} random samples")
     report.model_notes.append(
         f"budget ({goal}, {'data-aware' if plan.data_aware else 'data-free'} damage, {plan.provider}): "
         f"{len(alloc.choice)} of {len(plan.layers)} layers factorized; predicted speedup "
         f"{alloc.predicted_speedup:.2f}x, measured {alloc.measured_speedup:.2f}x; output error "
-        f"{alloc.measured_error:.4g} on {'calibration' if plan.data_aware else 'random'} inputs; "
-        f"plan {plan.seconds.get('total', 0):.0f} s")
+        f"{alloc.measured_error:.4g} on {where}; plan {plan.seconds.get('total', 0):.0f} s")
     if not alloc.reached:
         report.warnings.append(f"budget: the {goal} was not reached (measured {alloc.measured_speedup:.2f}x)")
-    report.budget = {"goal": goal, **alloc.summary(), "plan_seconds": plan.seconds,
-                     "model_ms": plan.model_ms, "alpha": plan.alpha}
-    return replace(config, rules=tuple(rules) + tuple(config.rules), target_speedup=None, target_macs=None,
-                   max_error=None)
+    report.budget = {"goal": goal, **alloc.summary(), "plan_seconds": plan.seconds, "model_ms": plan.model_ms,
+                     "alpha": plan.alpha, "check_samples": plan.check_samples,
+                     "held_out_every": data.HOLDOUT_EVERY if plan.data_aware else None,
+                     "calib_samples": plan.calib_samples if plan.data_aware else None,
+                     "error_on": sorted(plan.logits) or "outputs"}
+    return decisions

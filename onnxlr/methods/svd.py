@@ -1,4 +1,5 @@
-"""Truncated SVD of a weight matrix, and the chains it gives for Gemm/MatMul and Conv.
+"""Truncated SVD of a weight matrix: the chains it gives for Gemm/MatMul, 1x1 Conv, and (as the
+channel decomposition, :mod:`onnxlr.methods.channel`) KxK Conv.
 
 Math: W (K x N, y = x W) is approximated by its best rank-R approximation in the Frobenius norm,
 W ~= P Q with P = U_R sqrt(S_R) (K x R) and Q = sqrt(S_R) V_R^T (R x N). Here P and Q come from the
@@ -18,12 +19,16 @@ chain use the original group count, with R channels per group.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 
-from onnxlr.decompose.linalg import left_singular, working_dtype
+from onnxlr.calib import fit
 from onnxlr.layers import ConvLayer, ConvStep, LinearLayer, LinearStep, Replacement
+from onnxlr.methods.base import Fit, Method, fixed_or_chosen
+from onnxlr.methods.linalg import left_singular, working_dtype
+from onnxlr.ranks import RankLog, RankSpec, svd_rank
 
 RankChooser = Callable[[list[np.ndarray], int], int]  # (spectra per group, full rank) -> rank
 
@@ -112,3 +117,68 @@ def conv_chain(layer: ConvLayer, choose: RankChooser) -> Replacement:
         [(f @ s).T.reshape(w.shape) for f, s, w in zip(firsts, seconds, groups)], axis=0
     )
     return Replacement(method="svd", steps=steps, ranks={"rank": rank}, reconstruction=reconstruction)
+
+
+# --- the method -----------------------------------------------------------------------------
+
+
+def matrix_shape(layer: ConvLayer | LinearLayer) -> tuple[int, int]:
+    """(K, N) of the matrix whose SVD is taken: per group [S_g * prod(kernel), T_g] for convs."""
+    if isinstance(layer, LinearLayer):
+        return tuple(layer.weight.shape)
+    group_shape = layer.group_weights()[0].shape
+    return int(np.prod(group_shape[1:])), int(group_shape[0])
+
+
+def factorize(layer: ConvLayer | LinearLayer, ranks: RankSpec | dict, round_to: int) -> tuple[Replacement, RankLog]:
+    log = RankLog()
+    shape = matrix_shape(layer)
+
+    def choose(spectra, full):
+        return fixed_or_chosen(ranks, "rank", lambda: svd_rank(ranks, spectra, shape, round_to, log))
+
+    if isinstance(layer, LinearLayer):
+        return linear_chain(layer, choose), log
+    return conv_chain(layer, choose), log
+
+
+def check(layer) -> str | None:
+    if isinstance(layer, ConvLayer) and not layer.is_pointwise:
+        return "svd applies to Gemm, MatMul and 1x1 convs (KxK convs: the channel decomposition)"
+    return None
+
+
+def refit(layer, replacement: Replacement, weights, biases, moments, fit_bias: bool,
+          paired_ridge: float | None = None, shrink: bool = False) -> Fit:
+    """Activation-aware truncation at the same rank (calib.fit.whitened_svd), per group."""
+    rank = replacement.ranks["rank"]
+    parts = [fit.whitened_svd(w, b, m, rank, fit_bias, paired_ridge=paired_ridge,
+                              shrink=fit.shrinkage(m) if shrink else 0.0)
+             for w, b, m in zip(weights, biases, moments)]
+    return Fit([q @ p for p, q, _ in parts], [nb for _, _, nb in parts], parts)
+
+
+def rebuild(layer, replacement: Replacement, refitted: Fit) -> Replacement:
+    """The chain with the refitted factors P [R, n] (first step) and Q [T_g, R] (second)."""
+    parts = refitted.parts
+    if isinstance(layer, LinearLayer):
+        p, q, _ = parts[0]
+        steps = [LinearStep(p.T), LinearStep(q.T)]
+        reconstruction = (q @ p).T
+    else:
+        g_, kernel, s_g = layer.group, layer.kernel, layer.weight.shape[1]
+        t_g, ones = layer.out_channels // g_, (1,) * layer.spatial_rank
+        rank = replacement.ranks["rank"]
+        first = np.concatenate([p.reshape(rank, s_g, *kernel) for p, _, _ in parts], axis=0)
+        second = np.concatenate([q.reshape(t_g, rank, *ones) for _, q, _ in parts], axis=0)
+        steps = [replace(replacement.steps[0], weight=first), replace(replacement.steps[1], weight=second)]
+        reconstruction = np.concatenate([(q @ p).reshape(t_g, s_g, *kernel) for p, q, _ in parts], axis=0)
+    return replace(replacement, steps=steps, reconstruction=reconstruction, weight_rel_error=None,
+                   notes=list(replacement.notes))
+
+
+METHOD = Method(
+    name="svd",
+    summary="Gemm/MatMul: x @ P (R wide) @ Q (+C); 1x1 conv: 1x1 S->R, 1x1 R->T (bias)",
+    check=check, factorize=factorize, refit=refit, rebuild=rebuild, whitened=True,
+)

@@ -9,7 +9,7 @@ small Gemm beats its MAC ratio). For one layer, :func:`time_layer` builds one-no
 
 with the layer's real input shape (read from an onnxruntime run of the whole model, so dynamic
 dims such as a sequence length take their real value), and times them *interleaved* with the
-project's bench machinery (``bench._interleaved``: sessions with spinning off, order flipped every
+project's bench machinery (``runtime.interleaved``: sessions with spinning off, order flipped every
 round). Each model's latency is its median over the rounds; a candidate's saving is
 ``t_original - t_candidate``.
 
@@ -34,9 +34,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxlr import model as g
 from onnxlr import runtime
+from onnxlr.model.opset import default_opset
+from onnxlr.model.splice import splice
 from onnxlr.layers import Replacement
-from onnxlr.targets import Target
+from onnxlr.model.targets import Target, find_targets
 
 log = logging.getLogger("onnxlr")
 
@@ -147,10 +150,6 @@ def _random_tensor(name, shape, np_dtype, rng) -> onnx.TensorProto:
 
 def candidate_model(reference: onnx.ModelProto, replacement: Replacement) -> onnx.ModelProto:
     """``reference`` (a one-node model) with its layer replaced by the chain."""
-    from onnxlr import graph as g
-    from onnxlr.splice import default_opset, splice
-    from onnxlr.targets import find_targets
-
     model = onnx.ModelProto()
     model.CopyFrom(reference)
     target = find_targets(model, g.infer_shapes(model))[0]
@@ -162,8 +161,6 @@ def time_models(models: Sequence[onnx.ModelProto], feed: dict, provider: str = "
                 threads: int | None = None, budget_s: float = LAYER_BUDGET_S,
                 runs: int | None = None) -> list[float]:
     """Median ms of each model, timed interleaved on ``feed``."""
-    from onnxlr.bench import _interleaved
-
     providers = runtime.resolve_provider(provider)
     threads = threads or bench_threads()
     sessions = [runtime.make_session(m, providers=providers, threads=threads) for m in models]
@@ -175,7 +172,7 @@ def time_models(models: Sequence[onnx.ModelProto], feed: dict, provider: str = "
             s.run(None, feed)
         one_round = max(time.perf_counter() - t0, 1e-6)
         runs = int(np.clip(budget_s / one_round, MIN_RUNS, MAX_RUNS))
-    times = _interleaved([runtime.timed_runner(s, feed) for s in sessions], WARMUP, runs)
+    times = runtime.interleaved([runtime.timed_runner(s, feed) for s in sessions], WARMUP, runs)
     return [float(np.median(t) * 1e3) for t in times]
 
 

@@ -1,0 +1,1 @@
+"""Whole-model budgets: candidates, measured latencies, damage, allocation; sweeps of the frontier."""

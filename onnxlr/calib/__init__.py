@@ -1,0 +1,1 @@
+"""Calibration: statistics of layer inputs on real data (collect), and the refinement math (fit)."""

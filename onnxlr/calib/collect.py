@@ -1,0 +1,386 @@
+"""Calibration: run the model on data with onnxruntime and refine each layer's factors on it.
+
+``compress(..., calib=DATA)`` builds a :class:`Calibrator`. DATA is an .npz keyed by input name
+(samples stacked on the batch axis, as ``verify --inputs`` takes) or a folder of them. Files are
+read member by member in chunks of samples (never whole), each target layer's input is exposed as
+an extra graph output, and every pass accumulates, per layer, the moments of its input vectors
+(:class:`onnxlr.fit.Moments`): channel vectors for Gemm/MatMul rows, im2col patches for convs,
+at ``POSITIONS_PER_SAMPLE`` seeded random output positions per sample. Memory is O(n^2) per layer
+plus one chunk of activations, whatever the number of samples.
+
+Modes:
+
+* ``symmetric``: one pass over the original model; every layer is fitted to its own inputs.
+* ``asymmetric`` (default): each layer is fitted with the inputs it sees in the model compressed
+  so far, against the original model's outputs, so errors do not pile up with depth. The layers
+  are processed in graph (topological) order in ``ASYMMETRIC_STAGES`` stages: one pass per stage
+  runs the original and the partially compressed model side by side and collects the stage's
+  layers. One stage per layer would be exact but costs one pass per layer; with stages, a layer
+  does not see the compression of layers in its own stage (measured on the real models: see the
+  report). Layers inside If/Loop bodies keep their data-free factors.
+
+Every ``HOLDOUT_EVERY``-th sample goes to held-out moments: the data-aware factors replace the
+data-free ones only when their layer-output error on those held-out samples is lower, and are then
+refitted on all samples. Layers that cannot take a new bias (MatMul, Gemm without constant C) keep
+theirs; convs and Gemm with a constant C get a refitted bias.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxlr import data, methods
+from onnxlr.calib import fit
+from onnxlr.errors import OnnxlrError
+from onnxlr.layers import ConvLayer, Replacement
+from onnxlr.methods.base import group_blocks, layer_matrices
+from onnxlr.model.edit import expose_outputs
+from onnxlr.model.splice import read_bias
+from onnxlr.model.targets import Target
+from onnxlr.report.progress import Progress
+from onnxlr.runtime import make_session, run_session
+
+log = logging.getLogger("onnxlr")
+
+MODES = ("asymmetric", "symmetric")
+POSITIONS_PER_SAMPLE = 64  # conv output positions (or MatMul rows) sampled per sample
+ASYMMETRIC_STAGES = 4  # passes over the data in asymmetric mode
+CHUNK = 8  # samples per onnxruntime run when the batch is dynamic
+SEED = 0
+
+
+# --- im2col patches at sampled positions ------------------------------------------------------
+
+
+def conv_pads(layer: ConvLayer, in_spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """Explicit (begin..., end...) pads, resolving auto_pad."""
+    d = layer.spatial_rank
+    if layer.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for a in range(d):
+            out = -(-in_spatial[a] // layer.strides[a])
+            total = max((out - 1) * layer.strides[a] + (layer.kernel[a] - 1) * layer.dilations[a] + 1 - in_spatial[a], 0)
+            low = total // 2 if layer.auto_pad == "SAME_UPPER" else total - total // 2
+            begin.append(low)
+            end.append(total - low)
+        return tuple(begin + end)
+    if layer.auto_pad == "VALID":
+        return (0,) * (2 * d)
+    return tuple(layer.pads)
+
+
+def sample_patches(layer: ConvLayer, x: np.ndarray, sample_idx: np.ndarray, positions: np.ndarray) -> list[np.ndarray]:
+    """im2col patches of ``x`` [B, C, *in] at output ``positions`` [M, d] of samples
+    ``sample_idx`` [M]; one [M, S_g * prod(k)] array per group (channel-major, as the weight)."""
+    d = layer.spatial_rank
+    pads = conv_pads(layer, x.shape[2:])
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[a], pads[a + d]) for a in range(d)])
+    sizes = padded.shape[2:]
+    flat = padded.reshape(padded.shape[0], padded.shape[1], -1)
+    taps = np.stack(np.meshgrid(*[np.arange(k) for k in layer.kernel], indexing="ij"), axis=-1).reshape(-1, d)
+    coords = positions[:, None, :] * np.asarray(layer.strides) + taps[None] * np.asarray(layer.dilations)
+    index = np.ravel_multi_index(tuple(coords[..., a] for a in range(d)), sizes)  # [M, K]
+    patches = flat[sample_idx[:, None], :, index]  # [M, K, C]
+    patches = np.swapaxes(patches, 1, 2)  # [M, C, K]
+    s_g = layer.weight.shape[1]
+    return [patches[:, gi * s_g : (gi + 1) * s_g].reshape(len(sample_idx), -1) for gi in range(layer.group)]
+
+
+def out_spatial(layer: ConvLayer, in_spatial: tuple[int, ...]) -> tuple[int, ...]:
+    d = layer.spatial_rank
+    pads = conv_pads(layer, in_spatial)
+    return tuple(
+        (in_spatial[a] + pads[a] + pads[a + d] - layer.dilations[a] * (layer.kernel[a] - 1) - 1) // layer.strides[a] + 1
+        for a in range(d)
+    )
+
+
+@dataclass
+class _LayerPlan:
+    target: Target
+    tensor: str  # the layer's input tensor
+    fit: list[fit.Moments]
+    held: list[fit.Moments]
+    # False when another layer of the same asymmetric stage is upstream: that layer's own
+    # compensation changes this layer's input after the pass, so compensating here too would
+    # correct the same error twice (measured: it blows up); such layers fit the original inputs.
+    paired_ok: bool = True
+
+
+def _upstream_layers(graph: onnx.GraphProto, layers: list[Target]) -> dict[int, bool]:
+    """For each layer: whether another of ``layers`` lies upstream of its input in ``graph``."""
+    producers = {o: n for n in graph.node for o in n.output}
+    ids = {id(t.node) for t in layers}
+    out = {}
+    for t in layers:
+        seen, stack, found = set(), [t.node.input[0]], False
+        while stack and not found:
+            node = producers.get(stack.pop())
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if id(node) in ids and node is not t.node:
+                found = True
+            stack.extend(i for i in node.input if i)
+        out[id(t)] = found
+    return out
+
+
+def _rows(target: Target, x: np.ndarray, rng: np.random.Generator, row_mask: np.ndarray | None = None) -> tuple:
+    """(row selector, sample index of each row) for a batch of this layer's input.
+
+    ``row_mask`` (a token mask such as ``attention_mask`` [batch, seq]) leaves out the rows of a
+    linear layer's input [batch, seq, n] where it is 0: padding tokens, whose values the model
+    computes but never uses, would otherwise dominate the statistics of short sentences."""
+    layer = target.layer
+    batch = x.shape[0] if x.ndim else 1
+    if isinstance(layer, ConvLayer):
+        outs = out_spatial(layer, x.shape[2:])
+        sample_idx = np.repeat(np.arange(batch), POSITIONS_PER_SAMPLE)
+        positions = np.stack([rng.integers(0, o, size=sample_idx.size) for o in outs], axis=1)
+        return (sample_idx, positions), sample_idx
+    rows = linear_rows(target, x)
+    per_sample = max(rows.shape[0] // max(batch, 1), 1)
+    valid = masked_rows(target, x, row_mask)
+    if valid is not None:
+        picked = []
+        for s in range(batch):
+            idx = s * per_sample + np.flatnonzero(valid[s * per_sample : (s + 1) * per_sample])
+            picked.append(idx if idx.size <= POSITIONS_PER_SAMPLE else rng.choice(idx, POSITIONS_PER_SAMPLE, replace=False))
+        picked = np.sort(np.concatenate(picked)).astype(np.int64)
+    elif per_sample <= POSITIONS_PER_SAMPLE:
+        picked = np.arange(rows.shape[0])
+    else:
+        picked = np.sort(np.concatenate([
+            s * per_sample + rng.choice(per_sample, POSITIONS_PER_SAMPLE, replace=False) for s in range(batch)
+        ]))
+    return picked, np.minimum(picked // per_sample, batch - 1)
+
+
+def masked_rows(target: Target, x: np.ndarray, row_mask: np.ndarray | None) -> np.ndarray | None:
+    """Which rows of ``linear_rows(target, x)`` the mask keeps (bool, flat), or None when the mask
+    does not line up with this input (a layer after pooling, a transposed Gemm input)."""
+    if row_mask is None or (target.gemm is not None and target.gemm.trans_a) or x.ndim < 2:
+        return None
+    if tuple(x.shape[:-1]) != tuple(row_mask.shape):
+        return None
+    return np.asarray(row_mask).reshape(-1) != 0
+
+
+def linear_rows(target: Target, x: np.ndarray) -> np.ndarray:
+    if target.gemm is not None and target.gemm.trans_a:
+        return x.T
+    return x.reshape(-1, x.shape[-1])
+
+
+def _extract(target: Target, x: np.ndarray, selector) -> list[np.ndarray]:
+    if isinstance(target.layer, ConvLayer):
+        sample_idx, positions = selector
+        return sample_patches(target.layer, x, sample_idx, positions)
+    return [linear_rows(target, x)[selector]]
+
+
+# --- the calibrator ---------------------------------------------------------------------------
+
+
+class Calibrator:
+    """Collects layer statistics on demand and refines replacements with them."""
+
+    def __init__(self, model: onnx.ModelProto, targets: list[Target], data_source, samples: int | None, mode: str,
+                 mask: str | None = "auto", merge_held: bool = True):
+        if mode not in MODES:
+            raise OnnxlrError(f"unknown calibration mode {mode!r}: choose one of {', '.join(MODES)}")
+        self.mode = mode
+        self.model = model  # the model being compressed, modified in place by the caller
+        self.original = model.SerializeToString()
+        self.specs = data.model_input_specs(model)
+        self.source = data.open_source(data_source, self.specs, what="--calib")
+        self.samples = samples
+        self.merge_held = merge_held  # refit on all samples once a fit wins (False: budgets score on the held-out ones)
+        self.mask_input = data.row_mask_input(self.specs, mask)
+        main = {id(n) for n in model.graph.node}
+        self.eligible = [t for t in targets if id(t.node) in main and t.node.input and t.layer is not None]
+        count = len(self.eligible)
+        n_stages = 1 if mode == "symmetric" else max(1, min(ASYMMETRIC_STAGES, count))
+        self.stage_of = {id(t): (i * n_stages) // max(count, 1) for i, t in enumerate(self.eligible)}
+        self.n_stages = n_stages
+        self.moments: dict[int, _LayerPlan] = {}
+        self.done_stages: set[int] = set()
+        self.total = 0  # samples seen in the last pass
+        self.seconds = 0.0
+
+    def summary(self) -> str:
+        masked = f", padding rows left out by input {self.mask_input!r}" if self.mask_input else ""
+        return (f"calibrated ({self.mode}) on {self.total} samples of {self.source.label} in {len(self.done_stages)} "
+                f"pass(es), {self.seconds:.1f} s{masked}")
+
+    # --- statistics -----------------------------------------------------------------------
+
+    def plan_for(self, target: Target) -> _LayerPlan | None:
+        stage = self.stage_of.get(id(target))
+        if stage is None:
+            return None
+        if stage not in self.done_stages:
+            self._run_stage(stage)
+        return self.moments.get(id(target))
+
+    def _run_stage(self, stage: int) -> None:
+        t0 = time.perf_counter()
+        layers = [t for t in self.eligible if self.stage_of[id(t)] == stage]
+        paired = self.mode == "asymmetric"
+        plans = []
+        for t in layers:
+            groups = t.layer.group if isinstance(t.layer, ConvLayer) else 1
+            n = int(np.prod(t.layer.weight.shape[1:])) if isinstance(t.layer, ConvLayer) else t.layer.weight.shape[0]
+            plans.append(_LayerPlan(t, t.node.input[0], [fit.Moments(n, paired) for _ in range(groups)],
+                                    [fit.Moments(n, paired) for _ in range(groups)]))
+        if paired:
+            upstream = _upstream_layers(self.model.graph, layers)
+            for plan in plans:
+                plan.paired_ok = not upstream[id(plan.target)]
+        tensors = sorted({p.tensor for p in plans})
+        dtypes = {t.node.input[0]: t.weight_dtype for t in layers}
+        original = _session_with_outputs(self.original, tensors, dtypes)
+        current = _session_with_outputs(self.model.SerializeToString(), tensors, dtypes) if paired else None
+        rng = np.random.default_rng(SEED + stage)
+        seen = 0
+        progress = Progress(f"calibration pass {stage + 1}/{self.n_stages}", self.samples or self.source.count,
+                            unit="samples")
+        for feed in data.batches(data.limited(self.source, self.samples), self.specs, CHUNK):
+            outs_o = _run(original, feed, tensors)
+            outs_c = _run(current, feed, tensors) if paired else outs_o
+            batch = data.sample_rows(feed, self.specs)
+            row_mask = feed.get(self.mask_input) if self.mask_input else None
+            for plan in plans:
+                x_o = outs_o[plan.tensor]
+                selector, sample_of_row = _rows(plan.target, x_o, rng, row_mask)
+                held = ((seen + sample_of_row) % data.HOLDOUT_EVERY) == data.HOLDOUT_EVERY - 1
+                parts_o = _extract(plan.target, x_o, selector)
+                parts_c = _extract(plan.target, outs_c[plan.tensor], selector) if paired else parts_o
+                for gi, (pc, po) in enumerate(zip(parts_c, parts_o)):
+                    plan.fit[gi].add(pc[~held], po[~held] if paired else None)
+                    plan.held[gi].add(pc[held], po[held] if paired else None)
+            seen += batch
+            progress.update(seen)
+            del outs_o, outs_c
+        progress.close()
+        if seen == 0:
+            raise OnnxlrError(f"--calib {self.source.label}: no samples")
+        self.total = seen
+        for plan in plans:
+            self.moments[id(plan.target)] = plan
+        self.done_stages.add(stage)
+        self.seconds += time.perf_counter() - t0
+        log.info("calibration pass %d/%d: %d layers on %d samples (%.1f s)", stage + 1, self.n_stages,
+                 len(plans), seen, time.perf_counter() - t0)
+
+    def release(self, target: Target) -> None:
+        self.moments.pop(id(target), None)
+
+    # --- refinement -----------------------------------------------------------------------
+
+    def refine(self, target: Target, replacement: Replacement, *, keep: bool = False) -> Replacement:
+        """The replacement with data-aware factor values (same ranks, same chain, a refitted bias
+        in ``replacement.bias`` where the layer can take one), or the data-free one with a note
+        saying why not. ``keep``: keep the layer's statistics for more candidates."""
+        plan = self.plan_for(target)
+        if plan is None:
+            replacement.notes.append("calib: layer not calibrated (inside a subgraph); data-free factors kept")
+            return replacement
+        try:
+            bias, fit_bias = read_bias(target)
+            new, note = refine_replacement(target.layer, bias, fit_bias, replacement, plan.fit, plan.held,
+                                           paired_ok=plan.paired_ok, merge_held=self.merge_held)
+        finally:
+            if not keep:
+                self.release(target)
+        new.notes.append(note)
+        log.info("%s: %s", target.name, note)
+        return new
+
+
+def _session_with_outputs(model_bytes: bytes, tensors: list[str], dtypes: dict):
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    inputs = {vi.name for vi in model.graph.input}
+    wanted = {name: dtypes.get(name, onnx.TensorProto.FLOAT) for name in tensors if name not in inputs}
+    exposed = expose_outputs(model, wanted)
+    del model
+    data_bytes = exposed.SerializeToString()
+    del exposed
+    return make_session(data_bytes)
+
+
+def _run(session, feed, tensors) -> dict[str, np.ndarray]:
+    if session is None:
+        return {}
+    wanted = [t for t in tensors if t not in feed]
+    values = run_session(session, feed, wanted, "the model on the calibration data")
+    out = dict(zip(wanted, values))
+    for t in tensors:
+        if t in feed:
+            out[t] = feed[t]
+    return out
+
+
+def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit_moments, held, paired_ok: bool = True,
+                       merge_held: bool = True) -> tuple[Replacement, str]:
+    """(new replacement, note). Keeps the data-free replacement when no data-aware one is better
+    on the held-out rows; the method's refit and rebuild do the work (onnxlr.methods)."""
+    method = methods.get(replacement.method)
+    weights = layer_matrices(layer)
+    t_g = weights[0].shape[0]
+    biases = [None if bias is None else bias[gi * t_g : (gi + 1) * t_g] for gi in range(len(weights))]
+    free_maps = group_blocks(layer, replacement.low_rank_weight())
+
+    def error(maps, new_biases, moments):
+        errs = [fit.output_error(w, b, wn, bn, m) for w, b, wn, bn, m in zip(weights, biases, maps, new_biases, moments)]
+        e, r = sum(x[0] for x in errs), sum(x[1] for x in errs)
+        return math.sqrt(e / r) if r > 0 else math.sqrt(e)
+
+    has_held = all(m.count > 0 for m in held)
+    check = held if has_held else fit_moments
+    before = error(free_maps, biases, check)
+    # Candidates: in asymmetric mode, the fit on the (x_c, x_o) pairs (for whitened methods at each
+    # of fit.PAIRED_RIDGES) and the fit on the original inputs alone (more robust when the pairs
+    # are few); in symmetric mode the one fit. Whitened fits are also tried with the input
+    # covariance shrunk (fit.shrinkage: few rows for the input width). The best on held-out rows wins.
+    paired = fit_moments[0].paired and paired_ok
+    ridges = fit.PAIRED_RIDGES if paired and method.whitened else (None,)
+    views = [(lambda ms: ms, r, "pairs") for r in ridges] if paired or not fit_moments[0].paired else []
+    if fit_moments[0].paired:
+        views.append((lambda ms: [m.original_view() for m in ms], None, "original"))
+    shrinks = (False, True) if method.whitened else (False,)
+    views = [(view, ridge, source, sh) for sh in shrinks for view, ridge, source in views]
+
+    def candidate(moments, ridge, sh):
+        return method.refit(layer, replacement, weights, biases, moments, fit_bias, paired_ridge=ridge, shrink=sh)
+
+    scored = []
+    for i, (view, ridge, _, sh) in enumerate(views):
+        refitted = candidate(view(fit_moments), ridge, sh)
+        scored.append((error(refitted.maps, refitted.biases, check), i))
+    after, best = min(scored)
+    where = "held-out" if has_held else "calibration"
+    if not after < before:
+        return replacement, f"calib: data-free factors kept ({where} output error {before:.4g} <= data-aware {after:.4g})"
+    merged = [f.merged(h) for f, h in zip(fit_moments, held)] if has_held and merge_held else fit_moments
+    view, ridge, source, sh = views[best]
+    refitted = candidate(view(merged), ridge, sh)
+    new = method.rebuild(layer, replacement, refitted)
+    if fit_bias:
+        new.bias = np.concatenate([np.zeros(t_g) if b is None else b for b in refitted.biases])
+    how = []
+    if fit_moments[0].paired:
+        how.append("fit on original inputs" if source == "original" else
+                   "paired fit" if ridge is None else f"paired fit, ridge {ridge:g}")
+    if sh:
+        how.append("shrunk covariance")
+    how = f" ({'; '.join(how)})" if how else ""
+    return new, f"calib: {where} output error {before:.4g} -> {after:.4g}{how}"

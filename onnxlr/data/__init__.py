@@ -1,0 +1,30 @@
+"""The one input layer: feeds for verify, bench, calibration and budgets (see :mod:`.feeds`)."""
+
+from onnxlr.data.feeds import (
+    DEFAULT_CHUNK,
+    HOLDOUT_EVERY,
+    Source,
+    batch_axes,
+    batches,
+    cast_inputs,
+    fixed_batch,
+    is_held_out,
+    limited,
+    model_input_specs,
+    npz_files,
+    open_source,
+    parse_int_range,
+    parse_shape,
+    parse_shapes,
+    random_source,
+    resolve_shapes,
+    row_mask_input,
+    sample_rows,
+    split_held_out,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK", "HOLDOUT_EVERY", "Source", "batch_axes", "batches", "cast_inputs", "fixed_batch",
+    "is_held_out", "limited", "model_input_specs", "npz_files", "open_source", "parse_int_range", "parse_shape", "parse_shapes", "random_source",
+    "resolve_shapes", "row_mask_input", "sample_rows", "split_held_out",
+]

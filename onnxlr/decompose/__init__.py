@@ -1,1 +1,0 @@
-"""One module per decomposition family; each states its math and draws its replacement chain."""

@@ -1,0 +1,254 @@
+"""The compress pipeline: targets -> decisions -> factorize -> refine -> splice -> check.
+
+    model.onnx -> fold constant weights -> find targets (model.targets) -> select (config)
+      -> decisions: per target a method and ranks, from --method/--rank/--config, or from a
+         budget (onnxlr.budget), whose decisions carry the replacements it refined and measured
+      -> factorize (methods) -> refine on calibration data (calib) -> splice (model.splice)
+      -> check (onnx.checker) -> out.onnx
+
+A :class:`Decision` names its target by position (the order of ``find_targets``) and output
+tensor, never by a pattern on its name: node names need not be unique, and may be empty.
+``compress`` works on a copy of the model (the caller's model and file are never modified) and
+returns the new model with a report that says, for every candidate layer, what was done or why
+nothing was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxlr import methods
+from onnxlr import model as m
+from onnxlr.config import CompressConfig, apply_filters
+from onnxlr.decisions import Decision, rule_decisions
+from onnxlr.errors import OnnxlrError
+from onnxlr.layers import ConvLayer, conv_macs, linear_macs
+from onnxlr.methods.linalg import single_threaded_blas
+from onnxlr.model.splice import splice
+from onnxlr.model.targets import Target, fill_runtime_shapes, find_targets, layer_macs
+from onnxlr.ranks import RankSpec
+from onnxlr.report.compress import CompressReport, LayerReport, format_ranks, human
+from onnxlr.report.progress import Progress
+
+log = logging.getLogger("onnxlr")
+
+
+def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig | None = None, **options):
+    """Factorize the model's heavy layers. Returns (new ModelProto, CompressReport).
+
+    ``options`` are CompressConfig fields (method, rank, include, exclude, rules, force, round_to,
+    calib, target_speedup, ...) for callers who do not build a config themselves.
+    """
+    config = replace(config, **options) if config is not None else CompressConfig(**options)
+    if isinstance(model, onnx.ModelProto):
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+    else:
+        work = m.load_model(model)  # our own copy: no second one needed
+    return compress_model(work, config)
+
+
+def compress_model(work: onnx.ModelProto, config: CompressConfig, *, check_output: bool = True):
+    """compress() on a model the caller hands over: ``work`` is modified in place.
+
+    ``check_output=False``: the caller checks the saved file instead (cheaper than serializing a
+    big model for the in-memory checker)."""
+    m.check_runtime_opset(work, config.target_opset)
+    if config.target_opset is not None:
+        work = m.convert_opset(work, config.target_opset)
+    report = CompressReport()
+    report.model_notes.extend(m.fold_constant_weights(work))
+    targets = prepare_targets(work, config, report)
+    if m.has_lazy_tensors(work) and (config.calib is not None or config.budgeted):
+        m.materialize_external(work)  # calibration and budgets run the model in memory
+    started = time.perf_counter()
+    if config.budgeted:
+        from onnxlr.budget.allocate import plan_decisions
+
+        decisions = plan_decisions(work, targets, config, report)
+    else:
+        decisions = rule_decisions(targets, config)
+    calibrator = None
+    if config.calib is not None and any(d.replacement is None for d in decisions):
+        from onnxlr.calib.collect import Calibrator
+
+        calibrator = Calibrator(work, [targets[d.index] for d in decisions], config.calib, config.calib_samples,
+                                config.calib_mode, config.calib_mask)
+    with single_threaded_blas():
+        apply_decisions(work, targets, decisions, config, report, calibrator)
+    if calibrator is not None:
+        report.model_notes.append(calibrator.summary())
+    if not targets:
+        report.model_notes.append("the model has no Conv, Gemm or MatMul layer: nothing to factorize")
+    log.info("factorized %d of %d layers in %.1f s", len(report.replaced), len(targets), time.perf_counter() - started)
+    if check_output:
+        _check_output(work)
+    return work, report
+
+
+def prepare_targets(work: onnx.ModelProto, config: CompressConfig, report: CompressReport) -> list[Target]:
+    """Every candidate layer, sized (shape inference, then one run on a real or --shape feed where
+    it stops), with --include/--exclude applied."""
+    targets = find_targets(work, m.infer_shapes(work))
+    fill_runtime_shapes(work, targets, sizing_feed(work, config))
+    apply_filters(targets, config, report)
+    return targets
+
+
+def sizing_feed(work: onnx.ModelProto, config: CompressConfig) -> dict | None:
+    """One feed to size layers with: the first calibration sample, or a random one at --shape
+    shapes; None when neither is given (then a batch-1 run on zeros where only batch is dynamic)."""
+    if config.calib is None and not config.shapes:
+        return None
+    if m.has_lazy_tensors(work) or work.ByteSize() > m.query.RUNTIME_SHAPES_MAX_BYTES:
+        return None
+    from onnxlr import data
+
+    specs = data.model_input_specs(work)
+    source = data.open_source(config.calib, specs, shapes=None if config.calib is not None else config.shapes,
+                              samples=1, what="--calib")
+    return next(iter(source), None)
+
+
+def apply_decisions(work, targets, decisions, config, report, calibrator=None) -> None:
+    """Factorize (where no replacement is given), refine, check the MACs and splice, in graph
+    order; every target gets a row in the report."""
+    by_index = {d.index: d for d in decisions}
+    names = m.NameScope(m.all_names(work))
+    opset = m.default_opset(work)
+    progress = Progress("factorizing", len(decisions), unit="layers")
+    done = 0
+    for i, target in enumerate(targets):
+        decision = by_index.get(i)
+        if decision is None:
+            report.layers.append(skipped_report(target, target.skip or "kept"))
+            continue
+        t0 = time.perf_counter()
+        layer_report = _apply_one(target, decision, config, names, opset, work.ir_version, calibrator)
+        report.layers.append(layer_report)
+        target.layer = None  # drop this weight's arrays now: peak memory stays near one model
+        done += 1
+        progress.update(done, target.name)
+        log.info("[%d/%d] %s %s: %s %s (%.1f s)", done, len(decisions), target.op_type, target.name,
+                 layer_report.method or "kept", layer_report.ranks or layer_report.skipped, time.perf_counter() - t0)
+    progress.close()
+
+
+def factorize(target: Target, method_name: str, ranks: RankSpec | dict, round_to: int):
+    """(Replacement, RankLog) of one target by one method."""
+    return methods.get(method_name).factorize(target.layer, ranks, round_to)
+
+
+def _apply_one(target: Target, decision: Decision, config: CompressConfig, names, opset: int, ir_version: int,
+               calibrator=None) -> LayerReport:
+    replacement, raw = decision.replacement, None
+    if replacement is None:
+        replacement, rank_log = factorize(target, decision.method, decision.ranks, config.round_to)
+        replacement.notes.extend(decision.notes + rank_log.notes)
+        raw = rank_log.raw
+        macs_before, macs_after = layer_macs(target, replacement, nominal=True)
+        if macs_after >= macs_before and not config.force:
+            return skipped_report(target, (
+                f"{decision.method} at ranks {format_ranks(replacement.ranks)} would not reduce MACs "
+                f"({human(macs_before)} -> {human(macs_after)} per sample); use --force to replace anyway"))
+        if calibrator is not None:  # data-aware factor values at the same ranks (onnxlr.calib)
+            replacement = calibrator.refine(target, replacement)
+    else:
+        replacement.notes.extend(decision.notes)
+    original = target.layer.weight
+    macs_before, macs_after = layer_macs(target, replacement)
+    error = replacement.weight_rel_error
+    if error is None:
+        error = float(np.linalg.norm(replacement.low_rank_weight() - original) / max(np.linalg.norm(original), 1e-30))
+    report = LayerReport(
+        name=target.name, op_type=target.op_type, method=replacement.method, ranks=dict(replacement.ranks),
+        raw_ranks=raw, weight_shape=list(target.weight_shape), params_before=int(original.size),
+        params_after=sum(int(step.weight.size) for step in replacement.steps), macs_before=macs_before,
+        macs_after=macs_after, weight_rel_error=error, skipped=None, output=target.node.output[0],
+        notes=list(replacement.notes),
+    )
+    del original
+    target.layer = None  # the original weight is not needed to splice: free it first (peak memory)
+    splice(target, replacement, names, opset, ir_version)
+    return report
+
+
+def skipped_report(target: Target, reason: str) -> LayerReport:
+    size = int(np.prod(target.weight_shape)) if target.weight_shape else 0
+    macs = None
+    if target.layer is not None:
+        if isinstance(target.layer, ConvLayer):
+            macs = conv_macs(target.layer.weight.shape, target.layer.group, target.out_spatial)
+        else:
+            macs = linear_macs([target.layer.weight], target.rows)
+    return LayerReport(
+        name=target.name, op_type=target.op_type, method=None, ranks=None, weight_shape=list(target.weight_shape),
+        params_before=size, params_after=size, macs_before=macs, macs_after=macs, weight_rel_error=None,
+        skipped=reason, output=target.node.output[0] if target.node.output else None,
+    )
+
+
+def _check_output(model: onnx.ModelProto) -> None:
+    """Our output must pass the checker; a failure here is a bug in onnxlr, not the user's.
+
+    Models over 2 GB or with weights still on disk are checked by path once saved (compress_file).
+    """
+    if model.ByteSize() < m.PROTOBUF_LIMIT and not m.has_lazy_tensors(model):
+        onnx.checker.check_model(model, full_check=True)
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def compress_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: CompressConfig | None = None,
+    *,
+    overwrite: bool = False,
+    external_data: bool | None = None,
+    report_path: str | os.PathLike | None = None,
+    **options,
+):
+    """compress() from a file to a file; the input is never modified, the output is atomic.
+
+    An input with external data gives an output with external data (``<output>.data``) unless
+    ``external_data=False``; the returned model's tensors then point at that file.
+    """
+    config = replace(config, **options) if config is not None else CompressConfig(**options)
+    input_path, output_path = Path(input_path), Path(output_path)
+    _check_output_path(input_path, output_path, overwrite)
+    if report_path is not None:
+        _check_output_path(input_path, Path(report_path), overwrite=False)
+    data_files: list[Path] = []
+    # External weights stay on disk (memory-mapped when factorized, streamed when saved), and the
+    # model is compressed in place: peak memory stays well under the model's size.
+    model = m.load_model(input_path, data_files=data_files, lazy_external=True)
+    compressed, report = compress_model(model, config, check_output=False)
+    del model
+    if external_data is None and data_files:
+        external_data = True  # the input kept its weights beside it: so does the output
+    replacing_input = output_path.exists() and os.path.samefile(input_path, output_path)
+    protected = () if replacing_input else data_files  # --overwrite may replace the input's data
+    m.save_model_atomic(compressed, output_path, external_data=external_data, protected=protected)
+    # Our output must pass the checker (a failure is an onnxlr bug, not the user's). Checking the
+    # file by path handles external data and > 2 GB, and never serializes the model in memory.
+    onnx.checker.check_model(str(output_path), full_check=True)
+    if report_path is not None:
+        m.write_text_atomic(Path(report_path), report.to_json())
+    return compressed, report
+
+
+def _check_output_path(input_path: Path, output_path: Path, overwrite: bool) -> None:
+    if output_path.exists() and input_path.exists() and os.path.samefile(input_path, output_path) and not overwrite:
+        raise OnnxlrError(f"output {output_path} is the input file; choose another output path or pass --overwrite")
+    if output_path.is_dir():
+        raise OnnxlrError(f"output {output_path} is a directory; give a file name")
+    m.check_writable(output_path)

@@ -1,0 +1,1 @@
+"""Proof: agreement (verify) and measured speed (bench) with onnxruntime."""

@@ -1,0 +1,1 @@
+"""Reports: tables and JSON for people and tools, and progress of long work."""
