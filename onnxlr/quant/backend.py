@@ -11,12 +11,19 @@ model (the sensitivity trials) reads them from there instead of running the data
 symbolic shape inference, which needs ``sympy``: when sympy is not installed that part is skipped
 (it matters for transformer models with symbolic dims) and the report says so; onnxlr does not
 depend on sympy.
+
+Calibration methods are onnxruntime's at its defaults. Measured on the bundled model: ``entropy``
+gives exactly MinMax's ranges there (``quantize_static`` cannot set its histogram size, and at 128
+bins for 128 quantized bins the KL search has one candidate, the full range); a 2048-bin entropy
+calibration, tried, clipped the logits to an output error of 0.81 (accuracy 99.26% against
+99.44%), so onnxlr keeps the defaults.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
@@ -63,11 +70,15 @@ def quiet_onnxruntime() -> Iterator[None]:
     level = ort_logger.level
     root.addFilter(divert)
     ort_logger.setLevel(logging.ERROR)
+    printed = io.StringIO()  # the histogram calibrators print() their progress
     try:
-        yield
+        with contextlib.redirect_stdout(printed):
+            yield
     finally:
         root.removeFilter(divert)
         ort_logger.setLevel(level)
+        if printed.getvalue().strip():
+            log.debug("onnxruntime printed: %s", printed.getvalue().strip())
 
 
 def has_sympy() -> bool:

@@ -238,7 +238,15 @@ def quantize(
     *,
     check_feeds: Iterable[Feed] | None = None,
 ) -> tuple[onnx.ModelProto, QuantReport]:
-    """Quantize ``model`` to INT8 with onnxruntime's quantizer; see the package docstring."""
+    """Quantize ``model`` (a ModelProto or a path) to INT8 with onnxruntime's quantizer.
+
+    ``calib_feeds``: feed dicts (input name -> array at the model's shapes) to calibrate activation
+    ranges on (static mode; dynamic mode needs none). ``check_feeds``: feeds to measure the output
+    error on (and the layer sensitivities, with ``config.max_error``); without them a held-out part
+    of the calibration feeds serves when ``max_error`` is set, else the error is in-sample.
+    Returns the quantized model (checked with onnx.checker full_check, loaded by onnxruntime) and
+    a :class:`QuantReport`. User errors raise one-line ``OnnxlrError``\\ s.
+    """
     config = config or QuantizeConfig()
     start = time.perf_counter()
     source = qmodel.load(model)
