@@ -228,3 +228,18 @@ def test_output_errors_of_a_softmax_model_are_measured_on_its_logits(tmp_path, m
     assert error == pytest.approx(np.linalg.norm(logits - ref) / np.linalg.norm(ref), rel=1e-5)
     monkeypatch.setattr(budget, "ERROR_ON_LOGITS", False)
     assert budget.softmax_logits(model) == {}
+
+
+def test_budget_candidates_of_a_kxk_conv_include_every_applicable_method(tmp_path, monkeypatch):
+    """Under --method auto a 3x3 conv is offered as Tucker-2, channel decomposition and spatial SVD."""
+    from onnxlr import model as g
+    from onnxlr.model.targets import find_targets
+
+    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    model = cnn_model(channels=(4, 32, 32), spatial=8, classes=10)
+    work = onnx.ModelProto.FromString(model.SerializeToString())
+    plan = budget.build_plan(work, find_targets(work, g.infer_shapes(work)), CompressConfig(cache_dir=tmp_path))
+    conv2 = next(lp for lp in plan.layers if lp.name == "conv2")
+    assert {c.method for c in conv2.candidates} == {"tucker", "channel", "spatial-svd"}
+    fc = next(lp for lp in plan.layers if lp.name == "fc")
+    assert {c.method for c in fc.candidates} == {"svd"}

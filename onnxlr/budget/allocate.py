@@ -269,7 +269,8 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
         for k, (i, t) in enumerate(todo):
             lp = LayerPlan(i, t.name, t.op_type, None, real_shape.get(t.node.input[0]))
             if id(t.node) not in main_nodes or lp.input_shape is None:
-                lp.kept = "inside a subgraph (not timed): kept"
+                lp.kept = ("inside a subgraph: not timed" if id(t.node) not in main_nodes else
+                           "its input's shape is unknown: not timed")
                 layers.append(lp)
                 continue
             seen = set()
@@ -379,7 +380,7 @@ def _data_damage(plan: Plan, work, todo, config, damage_feeds) -> None:
         for lp in plan.layers:
             # refine every candidate a model may use (uniform sweeps too), score the usable ones
             refinable = [c for c in lp.candidates if c.dropped != "does not reduce MACs"]
-            if lp.kept is not None and "subgraph" in lp.kept or not refinable:
+            if lp.kept is not None and "not timed" in lp.kept or not refinable:
                 continue
             t = by_index[lp.index]
             stats = calibrator.plan_for(t)
@@ -447,6 +448,8 @@ def _steps(lp: LayerPlan, by_macs: bool) -> list[tuple[float, float, Candidate]]
     pts.sort(key=lambda p: (p[0], p[1]))
     hull: list = []
     for p in pts:
+        if hull and p[0] == hull[-1][0] and p[1] >= hull[-1][1]:
+            continue  # the same saving for no less damage (equal timings): a zero-width step
         if hull and p[1] <= hull[-1][1] and p[0] >= hull[-1][0]:
             # dominates the previous point(s): more saving for less damage
             while hull and p[1] <= hull[-1][1]:
@@ -585,7 +588,7 @@ def plan_decisions(work: onnx.ModelProto, targets: list[Target], config, report)
     plan = build_plan(work, targets, config, cache_dir=getattr(config, "cache_dir", None))
     alloc = solve(plan, target_speedup=config.target_speedup, target_macs=config.target_macs,
                   max_error=config.max_error)
-    decisions = []
+    decisions, chosen = [], []
     for lp in plan.layers:
         t = targets[lp.index]
         cand = alloc.choice.get(lp.index)
@@ -594,6 +597,8 @@ def plan_decisions(work: onnx.ModelProto, targets: list[Target], config, report)
             continue
         note = f"budget: {cand.method} at {cand.fraction:g} of the ranks"
         decisions.append(Decision(lp.index, t.node.output[0], cand.method, dict(cand.ranks), cand.replacement, [note]))
+        chosen.append({"index": lp.index, "name": t.name, "output": t.node.output[0], "method": cand.method,
+                       "fraction": cand.fraction, "ranks": dict(cand.ranks)})
     goal = (f"target speedup {config.target_speedup:g}x" if config.target_speedup is not None else
             f"target MACs {config.target_macs:g}" if config.target_macs is not None else
             f"max error {config.max_error:g}")
@@ -606,7 +611,8 @@ def plan_decisions(work: onnx.ModelProto, targets: list[Target], config, report)
         f"{alloc.measured_error:.4g} on {where}; plan {plan.seconds.get('total', 0):.0f} s")
     if not alloc.reached:
         report.warnings.append(f"budget: the {goal} was not reached (measured {alloc.measured_speedup:.2f}x)")
-    report.budget = {"goal": goal, **alloc.summary(), "plan_seconds": plan.seconds, "model_ms": plan.model_ms,
+    report.budget = {"goal": goal, **alloc.summary(), "chosen": chosen, "plan_seconds": plan.seconds,
+                     "model_ms": plan.model_ms,
                      "alpha": plan.alpha, "check_samples": plan.check_samples,
                      "held_out_every": data.HOLDOUT_EVERY if plan.data_aware else None,
                      "calib_samples": plan.calib_samples if plan.data_aware else None,
