@@ -232,7 +232,9 @@ class Calibrator:
 
     def _run_stage(self, stage: int) -> None:
         t0 = time.perf_counter()
-        layers = [t for t in self.eligible if self.stage_of[id(t)] == stage]
+        # A layer of this stage that the caller already finished without refining (kept because
+        # its ranks would not reduce MACs) has released its weight: nothing to collect for it.
+        layers = [t for t in self.eligible if self.stage_of[id(t)] == stage and t.layer is not None]
         paired = self.mode == "asymmetric"
         plans = []
         for t in layers:

@@ -238,8 +238,11 @@ def parse_tolerance(text: str) -> float | None:
 class _Diff:
     """Accumulates the statistics of one tensor pair over feeds without keeping the tensors."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, batch_first: bool = True):
         self.name = name
+        # False when axis 0 of the output is not its batch (a recurrent state [2, batch, H]):
+        # no top-k there, whatever its shape.
+        self.batch_first = batch_first
         self.shape: list[int] | None = None
         self.dtype = ""
         self.count = 0
@@ -253,7 +256,9 @@ class _Diff:
         ref, cand = np.asarray(ref), np.asarray(cand)
         if self.shape is None:
             self.shape, self.dtype = list(ref.shape), str(ref.dtype)
-            self.classes = _class_count(ref.shape)
+            self.classes = _class_count(ref.shape) if self.batch_first else None
+        elif self.classes and _class_count(ref.shape) != self.classes:
+            self.classes, self.rows = None, 0  # not [N, C] in every feed: not class scores
         if ref.shape != cand.shape:
             self.mismatch = self.mismatch or (
                 f"candidate shape {_dims(cand.shape)} differs from reference {_dims(ref.shape)}"
@@ -329,9 +334,24 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
+def _batch_first(declared: Sequence | None, rows: int | None) -> bool:
+    """Whether axis 0 of an output declared ``declared`` (onnxruntime's shape: ints, names or
+    None) may be its batch axis: not when axis 0 is fixed and a later axis is dynamic (a state
+    [2, batch, H]), or axis 0 is fixed at another size than the ``rows`` samples per feed."""
+    if not declared or not isinstance(declared[0], int):
+        return True
+    if any(not isinstance(d, int) for d in declared[1:]):
+        return False
+    return rows is None or declared[0] == rows
+
+
 def _compare(ref_sess, cand_sess, names, feeds, ref_label, cand_label) -> list[OutputStats]:
     """Run both sessions on every feed and compare the tensors ``names``."""
-    diffs = [_Diff(n) for n in names]
+    declared = {o.name: o.shape for o in ref_sess.get_outputs()}
+    specs = runtime.input_specs(ref_sess)
+    batched = feeds and any(axis is not None for axis in data.batch_axes(specs).values())
+    rows = data.sample_rows(feeds[0], specs) if batched else None  # None: the inputs have no batch axis
+    diffs = [_Diff(n, _batch_first(declared.get(n), rows)) for n in names]
     for feed in feeds:
         ref_out = runtime.run_session(ref_sess, feed, names, ref_label)
         cand_out = runtime.run_session(cand_sess, feed, names, cand_label)
