@@ -108,8 +108,29 @@ def _add_compress(sub) -> None:
                    "and benchmark both, and print one summary (exit 1 if verification fails)")
     p.add_argument("--bench-runs", type=int, default=50, help="timed runs per model for --verify (default: 50)")
     _add_budget_options(p)
+    _add_quantize_options(p)
     _add_check_options(p)
     p.set_defaults(run=_run_compress)
+
+
+def _add_quantize_options(p) -> None:
+    """INT8 after factorizing (onnxlr.quant, onnxruntime's quantizer): compress."""
+    from onnxlr.quant.config import CALIBRATE_METHODS, MODES
+
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="then quantize the factorized model to INT8 with onnxruntime's quantizer (static QDQ, "
+                        "per-channel weights; calibrated on --calib, checked on its held-out samples); the "
+                        "factors are balanced first so that they quantize well")
+    p.add_argument("--quant-mode", choices=MODES, default="static",
+                   help="static (default): QDQ with calibrated activation ranges, needs --calib; dynamic: "
+                        "activation ranges at run time (MatMul-heavy transformers)")
+    p.add_argument("--quant-calibrate", choices=CALIBRATE_METHODS, default="minmax",
+                   help="how static mode turns calibration activations into ranges (default: minmax)")
+    p.add_argument("--quant-per-tensor", action="store_true",
+                   help="one scale per weight tensor (default: per output channel, upgrading opset < 13)")
+    p.add_argument("--quant-max-error", type=float, default=None, metavar="E",
+                   help="keep the layers whose quantization costs most in float until the output error "
+                        "(relative L2 vs the factorized float model) on held-out --calib samples is at most E")
 
 
 def _add_budget_options(p, goals: bool = True) -> None:
@@ -142,26 +163,58 @@ def _compress_config(args):
     for name in ("target_speedup", "target_macs", "max_error", "cache_dir", "provider"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
+    if getattr(args, "quantize", None) is not None:
+        from onnxlr.quant.config import QuantizeConfig
+
+        fields["quantize"] = QuantizeConfig(mode=args.quant_mode, calibrate_method=args.quant_calibrate,
+                                            per_channel=not args.quant_per_tensor, max_error=args.quant_max_error)
     return CompressConfig(**fields)
 
 
 def _run_compress(args) -> int:
+    import tempfile
+    from pathlib import Path
+
     from onnxlr.pipeline import compress_file
 
     config = _compress_config(args)
-    _, report = compress_file(
-        args.model,
-        args.output,
-        config,
-        overwrite=args.overwrite,
-        external_data=True if args.external_data else None,
-        report_path=args.report,
+    steps = args.verify and config.quantize is not None  # keep the factorized float model to compare
+    with tempfile.TemporaryDirectory(prefix="onnxlr-float-") as tmp:
+        float_path = Path(tmp) / "factorized_fp32.onnx" if steps else None
+        _, report = compress_file(
+            args.model,
+            args.output,
+            config,
+            overwrite=args.overwrite,
+            external_data=True if args.external_data else None,
+            report_path=args.report,
+            float_path=float_path,
+        )
+        print(report.to_table())
+        print(f"wrote {args.output}")
+        if not args.verify:
+            return EXIT_OK
+        if steps:
+            return _verify_steps(args, config, report, float_path)
+        return _verify_and_bench(args, report)
+
+
+def _verify_steps(args, config, report, float_path) -> int:
+    from onnxlr.data import parse_int_range, parse_shapes
+    from onnxlr.proof.steps import compare_steps
+    from onnxlr.report.compress import compress_summary
+
+    steps = compare_steps(
+        args.model, str(float_path), args.output, quantize=config.quantize, calib=config.calib,
+        calib_samples=config.calib_samples, inputs=args.inputs, shapes=parse_shapes(args.shape),
+        samples=args.samples, seed=args.seed, int_range=parse_int_range(args.int_range), provider=args.provider,
+        runs=args.bench_runs, max_rel_error=args.max_rel_error, min_top1=args.min_top1,
     )
-    print(report.to_table())
-    print(f"wrote {args.output}")
-    if not args.verify:
-        return EXIT_OK
-    return _verify_and_bench(args, report)
+    print()
+    print(compress_summary(report, steps.verification, steps.timing, steps))
+    for failure in steps.verification.failures:
+        print(f"onnxlr: FAILED: {failure}", file=sys.stderr)
+    return EXIT_OK if steps else EXIT_FAIL
 
 
 def _verify_and_bench(args, report) -> int:

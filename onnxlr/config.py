@@ -31,6 +31,7 @@ from onnxlr.ranks import RankSpec, parse_rank
 
 from onnxlr.methods import CHOICES as METHODS
 from onnxlr.model.targets import Target
+from onnxlr.quant.config import QuantizeConfig
 from onnxlr.report.compress import CompressReport
 
 log = logging.getLogger("onnxlr")
@@ -72,6 +73,10 @@ class CompressConfig:
     # Input shapes (name -> dims) for sizing layers (MACs) where the model leaves dims dynamic and
     # no calibration data gives them.
     shapes: dict = field(default_factory=dict)
+    # INT8 after factorizing (onnxlr.quant): chains are balanced before splicing, then the model is
+    # quantized, calibrated on the --calib samples that refinement fits on and checked on the
+    # held-out ones (every 5th). None: the written model stays float.
+    quantize: QuantizeConfig | None = None
 
     @property
     def budgeted(self) -> bool:
@@ -97,6 +102,21 @@ class CompressConfig:
         if self.calib_samples is not None and int(self.calib_samples) < 1:
             raise OnnxlrError(f"--calib-samples must be an integer >= 1, got {self.calib_samples}")
         check_budget(self)
+        check_quantize(self)
+
+
+def check_quantize(config: CompressConfig) -> None:
+    """Refuse, before any work, a quantization that cannot run without calibration data."""
+    quant = config.quantize
+    if quant is None:
+        return
+    if not isinstance(quant, QuantizeConfig):
+        raise OnnxlrError(f"quantize must be an onnxlr.quant.QuantizeConfig or None, got {type(quant).__name__}")
+    if config.calib is None and quant.mode == "static":
+        raise OnnxlrError("static INT8 quantization needs calibration data to set activation ranges: "
+                          "pass --calib DATA, or use --quant-mode dynamic")
+    if config.calib is None and quant.max_error is not None:
+        raise OnnxlrError("--quant-max-error measures output errors on held-out --calib samples: pass --calib DATA")
 
 
 def check_budget(config: CompressConfig) -> None:

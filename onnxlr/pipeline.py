@@ -5,6 +5,8 @@
          budget (onnxlr.budget), whose decisions carry the replacements it refined and measured
       -> factorize (methods) -> refine on calibration data (calib) -> splice (model.splice)
       -> check (onnx.checker) -> out.onnx
+      [--quantize int8: chains balanced before splicing (onnxlr.quant.balance_chain), then the
+       factorized model quantized on the --calib samples (every 5th held out for its checks)]
 
 A :class:`Decision` names its target by position (the order of ``find_targets``) and output
 tensor, never by a pattern on its name: node names need not be unique, and may be empty.
@@ -55,19 +57,25 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
     return compress_model(work, config)
 
 
-def compress_model(work: onnx.ModelProto, config: CompressConfig, *, check_output: bool = True):
+def compress_model(work: onnx.ModelProto, config: CompressConfig, *, check_output: bool = True,
+                   float_path: str | os.PathLike | None = None):
     """compress() on a model the caller hands over: ``work`` is modified in place.
 
     ``check_output=False``: the caller checks the saved file instead (cheaper than serializing a
-    big model for the in-memory checker)."""
+    big model for the in-memory checker). ``float_path``: with ``config.quantize``, the factorized
+    float model is also saved there (before quantization), e.g. to compare the steps."""
     m.check_runtime_opset(work, config.target_opset)
+    if config.quantize is not None:
+        from onnxlr.quant.model import check_float32
+
+        check_float32(work, config.quantize.op_types)  # refuse fp16 layers before any work
     if config.target_opset is not None:
         work = m.convert_opset(work, config.target_opset)
     report = CompressReport()
     report.model_notes.extend(m.fold_constant_weights(work))
     targets = prepare_targets(work, config, report)
-    if m.has_lazy_tensors(work) and (config.calib is not None or config.budgeted):
-        m.materialize_external(work)  # calibration and budgets run the model in memory
+    if m.has_lazy_tensors(work) and (config.calib is not None or config.budgeted or config.quantize is not None):
+        m.materialize_external(work)  # calibration, budgets and quantization run the model in memory
     started = time.perf_counter()
     if config.budgeted:
         from onnxlr.budget.allocate import plan_decisions
@@ -90,7 +98,24 @@ def compress_model(work: onnx.ModelProto, config: CompressConfig, *, check_outpu
     log.info("factorized %d of %d layers in %.1f s", len(report.replaced), len(targets), time.perf_counter() - started)
     if check_output:
         _check_output(work)
+    if config.quantize is not None:
+        work = quantize_factorized(work, config, report, float_path)
     return work, report
+
+
+def quantize_factorized(work: onnx.ModelProto, config: CompressConfig, report: CompressReport,
+                        float_path: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """The factorized model quantized (onnxlr.quant) on the --calib samples, its report in
+    ``report.quantization``; the float model is saved to ``float_path`` first when given."""
+    from onnxlr.quant import quantize_on
+
+    if float_path is not None:
+        m.save_model_atomic(work, Path(float_path))
+    started = time.perf_counter()
+    quantized, quant_report = quantize_on(work, config.quantize, config.calib, config.calib_samples)
+    report.quantization = quant_report
+    log.info("quantized to int8 in %.1f s", time.perf_counter() - started)
+    return quantized
 
 
 def prepare_targets(work: onnx.ModelProto, config: CompressConfig, report: CompressReport) -> list[Target]:
@@ -162,6 +187,8 @@ def _apply_one(target: Target, decision: Decision, config: CompressConfig, names
             replacement = calibrator.refine(target, replacement)
     else:
         replacement.notes.extend(decision.notes)
+    if config.quantize is not None and len(replacement.steps) > 1:
+        replacement = balance_for_int8(replacement)
     original = target.layer.weight
     macs_before, macs_after = layer_macs(target, replacement)
     error = replacement.weight_rel_error
@@ -178,6 +205,22 @@ def _apply_one(target: Target, decision: Decision, config: CompressConfig, names
     target.layer = None  # the original weight is not needed to splice: free it first (peak memory)
     splice(target, replacement, names, opset, ir_version)
     return report
+
+
+def balance_for_int8(replacement):
+    """The replacement with its factors balanced (same product; onnxlr.quant.balance_chain) and a
+    note of the worst per-channel range spread before and after."""
+    from onnxlr.quant import balance_chain, chain_ranges
+
+    def spread(steps) -> float:
+        return max(max(r.out_spread, r.in_spread) for r in chain_ranges(steps))
+
+    before = spread(replacement.steps)
+    steps = balance_chain(replacement.steps)
+    after = spread(steps)
+    balanced = replace(replacement, steps=steps, notes=list(replacement.notes))
+    balanced.notes.append(f"factors balanced for int8: channel range spread {before:.3g} -> {after:.3g}")
+    return balanced
 
 
 def skipped_report(target: Target, reason: str) -> LayerReport:
@@ -215,9 +258,14 @@ def compress_file(
     overwrite: bool = False,
     external_data: bool | None = None,
     report_path: str | os.PathLike | None = None,
+    float_path: str | os.PathLike | None = None,
     **options,
 ):
     """compress() from a file to a file; the input is never modified, the output is atomic.
+
+    With ``config.quantize`` the output is the INT8 model; ``float_path`` also keeps the factorized
+    float model it was quantized from (for ``onnxlr.proof.steps.compare_steps``).
+
 
     An input with external data gives an output with external data (``<output>.data``) unless
     ``external_data=False``; the returned model's tensors then point at that file.
@@ -231,7 +279,7 @@ def compress_file(
     # External weights stay on disk (memory-mapped when factorized, streamed when saved), and the
     # model is compressed in place: peak memory stays well under the model's size.
     model = m.load_model(input_path, data_files=data_files, lazy_external=True)
-    compressed, report = compress_model(model, config, check_output=False)
+    compressed, report = compress_model(model, config, check_output=False, float_path=float_path)
     del model
     if external_data is None and data_files:
         external_data = True  # the input kept its weights beside it: so does the output

@@ -39,6 +39,9 @@ API::
     steps = balance_chain(replacement.steps)    # same product, balanced per-channel ranges
     before, after = chain_ranges(replacement.steps), chain_ranges(steps)
 
+``quantize_on(model, config, calib, samples)`` cuts both from anything ``--calib`` takes, as
+compress does (every 5th sample held out for checks; ``feeds`` module).
+
 ``calib_feeds`` and ``check_feeds`` are iterables of feed dicts (input name -> array at the
 model's own shapes, as ``onnxlr.runtime.iter_feeds`` cuts them); both are read into memory.
 Without ``check_feeds`` and with ``max_error``, the last ``held_out`` fraction of the calibration
@@ -62,6 +65,7 @@ from onnxlr.quant.balance import (
 )
 from onnxlr.quant.config import CALIBRATE_METHODS, MODES, OP_TYPES, QUANT_TYPES, QuantizeConfig
 from onnxlr.quant.driver import KeptFloat, QuantReport, quantize
+from onnxlr.quant.feeds import calibration_feeds, quantize_on
 from onnxlr.quant.sensitivity import output_error
 
 __all__ = [
@@ -76,10 +80,12 @@ __all__ = [
     "apply_scales",
     "balance_chain",
     "balance_scales",
+    "calibration_feeds",
     "chain_ranges",
     "fake_quantize",
     "fake_quantize_chain",
     "output_error",
     "quantize",
+    "quantize_on",
     "step_ranges",
 ]

@@ -100,7 +100,7 @@ class QuantReport:
             bound += (
                 "" if self.max_error is None else ("met)" if self.max_error_met else "NOT met)")
             )
-            out.append(f"output error {self.error:.4g} on {self.error_feeds}{bound}")
+            out.append(f"output error {self.error:.4g} (vs the float model) on {self.error_feeds}{bound}")
         out += [f"note: {n}" for n in self.notes]
         return out
 

@@ -205,8 +205,10 @@ def check_float32(model: onnx.ModelProto, op_types: tuple[str, ...]) -> None:
         except Exception:  # noqa: BLE001 -- fall back to the types the model declares
             inferred = model
     types = _elem_types(inferred)
-    for name, op_type in candidates(model, op_types):
-        node = next(n for n in model.graph.node if n.name == name)
+    for node in model.graph.node:  # by node, not by name: names may be empty or repeat here
+        if node.op_type not in op_types:
+            continue
+        name, op_type = node.name or node.output[0], node.op_type
         for tensor in node.input[:2]:
             t = types.get(tensor)
             if t is not None and t != TensorProto.FLOAT:

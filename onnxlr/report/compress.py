@@ -33,6 +33,7 @@ class CompressReport:
     warnings: list[str] = field(default_factory=list)
     model_notes: list[str] = field(default_factory=list)
     budget: dict | None = None  # the allocation a --target-speedup/--target-macs/--max-error chose
+    quantization: object = None  # onnxlr.quant.QuantReport of --quantize (to_dict(), lines())
 
     @property
     def replaced(self) -> list[LayerReport]:
@@ -60,6 +61,7 @@ class CompressReport:
             "warnings": self.warnings,
             "notes": self.model_notes,
             "budget": self.budget,
+            "quantization": None if self.quantization is None else self.quantization.to_dict(),
         }
 
     def to_json(self) -> str:
@@ -100,11 +102,16 @@ class CompressReport:
                                                        if not self.layers else "see the reasons above"))
         lines.extend(f"warning: {w}" for w in self.warnings)
         lines.extend(f"note: {n}" for n in self.model_notes)
+        if self.quantization is not None:
+            lines.extend("quantization: " + line if i == 0 else "  " + line
+                         for i, line in enumerate(self.quantization.lines()))
         return "\n".join(lines)
 
 
-def compress_summary(report: CompressReport, verification, timing) -> str:
-    """One table after `compress --verify`: size, cost, agreement and measured speed."""
+def compress_summary(report: CompressReport, verification, timing, steps=None) -> str:
+    """One table after `compress --verify`: size, cost, agreement and measured speed; with
+    ``steps`` (an ``onnxlr.proof.steps.StepsResult``, after --quantize) each step's contribution
+    follows: fp32 original -> factorized fp32 -> factorized int8, and the int8 original."""
     t = report.totals
     base, compressed = timing.models[0], timing.models[1]
     rows = [("", "original", "compressed", "ratio")]
@@ -124,6 +131,8 @@ def compress_summary(report: CompressReport, verification, timing) -> str:
     verdict = "PASSED" if verification else "FAILED"
     lines.append(f"verification {verdict} on {verification.inputs.get('samples')} samples "
                  f"({verification.inputs.get('source')}); speedup is the median of {timing.runs} interleaved pairs")
+    if steps is not None:
+        lines += ["", "each step's contribution:", steps.to_table()]
     return "\n".join(lines)
 
 
