@@ -157,7 +157,7 @@ def test_dynamic_without_calib_works(cnn, tmp_path, capsys):
 def if_model() -> onnx.ModelProto:
     """conv0 (8 -> 8, 3x3) -> If(sum > 0) then conv_then else Relu: a branch layer."""
     rng = np.random.default_rng(6)
-    out = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 8, 6, 6])  # noqa: E731
+    out = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 8, 6, 6])
     then_g = helper.make_graph(
         [helper.make_node("Conv", ["h", "w_then"], ["yt"], name="conv_then", pads=[1, 1, 1, 1])], "then", [],
         [out("yt")])

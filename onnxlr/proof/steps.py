@@ -107,8 +107,8 @@ def compare_steps(
     (an ``onnxlr.quant.QuantizeConfig``) on ``calib`` as compress quantizes (the row is left out,
     with a note, when that fails or no ``quantize`` is given). Raises ``OnnxlrError`` on bad input.
     """
-    check = dict(inputs=inputs, shapes=shapes if inputs is None else None, samples=samples, seed=seed,
-                 int_range=int_range, provider=provider)
+    check = {"inputs": inputs, "shapes": shapes if inputs is None else None, "samples": samples, "seed": seed,
+             "int_range": int_range, "provider": provider}
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="onnxlr-steps-") as tmp:
         quant_report = None
