@@ -58,6 +58,12 @@ def _add_calib_options(p) -> None:
     p.add_argument("--calib-mode", choices=("asymmetric", "symmetric"), default="asymmetric",
                    help="asymmetric (default): fit each layer to the original outputs from the inputs "
                         "of the model compressed so far; symmetric: from the original inputs")
+    p.add_argument("--calib-memory", metavar="SIZE", default=None,
+                   help="bound on the calibration statistics held at once, e.g. 4G (default: half the "
+                        "memory available); wider layers use a reduced basis or stay data-free, with the reason")
+    p.add_argument("--calib-stages", metavar="N|all", default=None,
+                   help="asymmetric passes over the data at most (default: 4); 'all': one per layer, "
+                        "so each layer sees the compression of every layer before it")
 
 
 def _add_provider_option(p) -> None:
@@ -79,7 +85,8 @@ def _selection_fields(args) -> dict:
         fields["round_to"] = args.round_to
     if args.calib is not None:
         fields.update(calib=args.calib, calib_samples=args.calib_samples, calib_mode=args.calib_mode,
-                      calib_mask=args.calib_mask)
+                      calib_mask=args.calib_mask, calib_memory=args.calib_memory,
+                      calib_stages=args.calib_stages)
     return fields
 
 
@@ -461,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except OnnxlrError as exc:
         print(f"onnxlr: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError as exc:  # numpy says what it needed: "Unable to allocate 4.69 GiB for an array with shape ..."
+        _remove_temp_files()
+        what = " ".join(str(exc).split()) or "an allocation failed"
+        print(f"onnxlr: error: out of memory: {what}; lower --calib-memory or --calib-samples, compress fewer "
+              "layers at once (--include), or free memory; nothing was written", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         _remove_temp_files()

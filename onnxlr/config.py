@@ -64,6 +64,10 @@ class CompressConfig:
     # Input whose zeros mark padding tokens to leave out of the statistics: "auto" (attention_mask
     # when the model has it), "none", or an input name.
     calib_mask: str = "auto"
+    # Bytes of calibration statistics held at once (None: half the memory available), and the
+    # asymmetric passes at most (an int, "all" for one pass per layer, None: onnxlr.calib's default).
+    calib_memory: int | None = None
+    calib_stages: int | str | None = None
     # Budgeted allocation (onnxlr.budget): at most one goal; per-layer method/rank chosen to meet it.
     target_speedup: float | None = None
     target_macs: float | None = None
@@ -99,6 +103,16 @@ class CompressConfig:
             raise OnnxlrError(f"--target-opset must be a positive opset number, got {self.target_opset}")
         if self.calib_mode not in ("asymmetric", "symmetric"):
             raise OnnxlrError(f"unknown --calib-mode {self.calib_mode!r}: choose one of asymmetric, symmetric")
+        if self.calib_memory is not None:
+            object.__setattr__(self, "calib_memory", parse_size(self.calib_memory, "--calib-memory"))
+        if self.calib_stages is not None and self.calib_stages != "all":
+            try:
+                stages = int(self.calib_stages)
+            except (TypeError, ValueError):
+                stages = 0
+            if stages < 1:
+                raise OnnxlrError(f"--calib-stages must be an integer >= 1 or 'all', got {self.calib_stages!r}")
+            object.__setattr__(self, "calib_stages", stages)
         if self.calib_samples is not None and int(self.calib_samples) < 1:
             raise OnnxlrError(f"--calib-samples must be an integer >= 1, got {self.calib_samples}")
         check_budget(self)
@@ -129,6 +143,17 @@ def check_budget(config: CompressConfig) -> None:
         raise OnnxlrError(f"--target-macs must be a fraction in (0, 1), got {config.target_macs}")
     if config.max_error is not None and not float(config.max_error) > 0:
         raise OnnxlrError(f"--max-error must be a number > 0, got {config.max_error}")
+
+
+def parse_size(value, what: str) -> int:
+    """Bytes from an int or a string such as 512M, 4G, 1.5G, 800000000."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[bB]?\s*", str(value))
+    if not match or float(match.group(1)) <= 0:
+        raise OnnxlrError(f"{what}: give a size such as 512M or 4G, got {value!r}")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
 
 
 def compile_pattern(pattern: str, where: str = "pattern") -> re.Pattern:

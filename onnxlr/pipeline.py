@@ -87,8 +87,10 @@ def compress_model(work: onnx.ModelProto, config: CompressConfig, *, check_outpu
     if config.calib is not None and any(d.replacement is None for d in decisions):
         from onnxlr.calib.collect import Calibrator
 
-        calibrator = Calibrator(work, [targets[d.index] for d in decisions], config.calib, config.calib_samples,
-                                config.calib_mode, config.calib_mask)
+        calibrator = Calibrator(
+            work, [targets[d.index] for d in decisions], config.calib, config.calib_samples, config.calib_mode,
+            config.calib_mask, memory=config.calib_memory, stages=config.calib_stages,
+            whitened={id(targets[d.index]): methods.get(d.method).whitened for d in decisions})
     with single_threaded_blas():
         apply_decisions(work, targets, decisions, config, report, calibrator)
     if calibrator is not None:

@@ -371,7 +371,8 @@ def _data_damage(plan: Plan, work, todo, config, damage_feeds) -> None:
 
     with single_threaded_blas():
         calibrator = Calibrator(work, [t for _, t in todo], config.calib, getattr(config, "calib_samples", None),
-                                "symmetric", getattr(config, "calib_mask", "auto"), merge_held=False)
+                                "symmetric", getattr(config, "calib_mask", "auto"), merge_held=False,
+                                memory=getattr(config, "calib_memory", None))
         by_index = dict(todo)
         reference = scored_outputs(plan, plan.base, damage_feeds)
         n = sum(len(lp.usable()) for lp in plan.layers)

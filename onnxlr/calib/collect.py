@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -50,7 +51,14 @@ log = logging.getLogger("onnxlr")
 
 MODES = ("asymmetric", "symmetric")
 POSITIONS_PER_SAMPLE = 64  # conv output positions (or MatMul rows) sampled per sample
-ASYMMETRIC_STAGES = 4  # passes over the data in asymmetric mode
+ASYMMETRIC_STAGES = 4  # passes over the data in asymmetric mode (at most; "all": one per layer)
+#: Default bound on the statistics held at once: this fraction of the memory available when
+#: calibration starts (the rest is the model, onnxruntime's two sessions and one chunk of activations).
+MEMORY_FRACTION = 0.5
+#: Inputs wider than this keep their statistics in a reduced basis (fit.ReducedMoments) of
+#: REDUCED_BASIS directions: n x n float64 matrices past it cost 128 MB each and grow as n^2.
+WIDE_INPUT = 4096
+REDUCED_BASIS = 1024
 CHUNK = 8  # samples per onnxruntime run when the batch is dynamic
 SEED = 0
 
@@ -111,6 +119,25 @@ class _LayerPlan:
     # compensation changes this layer's input after the pass, so compensating here too would
     # correct the same error twice (measured: it blows up); such layers fit the original inputs.
     paired_ok: bool = True
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable on Linux; total physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def input_width(layer) -> tuple[int, int]:
+    """(n, groups): the width of the vectors a layer maps (channels, or an im2col patch per group)."""
+    if isinstance(layer, ConvLayer):
+        return int(np.prod(layer.weight.shape[1:])), layer.group
+    return int(layer.weight.shape[0]), 1
 
 
 def _upstream_layers(graph: onnx.GraphProto, layers: list[Target]) -> dict[int, bool]:
@@ -193,7 +220,12 @@ class Calibrator:
     """Collects layer statistics on demand and refines replacements with them."""
 
     def __init__(self, model: onnx.ModelProto, targets: list[Target], data_source, samples: int | None, mode: str,
-                 mask: str | None = "auto", merge_held: bool = True):
+                 mask: str | None = "auto", merge_held: bool = True, *, memory: int | None = None,
+                 stages: int | str | None = None, whitened: dict | None = None):
+        """``memory``: bytes of statistics held at once (default MEMORY_FRACTION of what is
+        available); ``stages``: asymmetric passes at most (an int, or "all" for one pass per
+        layer; default ASYMMETRIC_STAGES); ``whitened``: id(target) -> whether its method's refit
+        is a whitened truncation (those alone can use a reduced basis; default: all can)."""
         if mode not in MODES:
             raise OnnxlrError(f"unknown calibration mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode
@@ -206,19 +238,53 @@ class Calibrator:
         self.mask_input = data.row_mask_input(self.specs, mask)
         main = {id(n) for n in model.graph.node}
         self.eligible = [t for t in targets if id(t.node) in main and t.node.input and t.layer is not None]
-        count = len(self.eligible)
-        n_stages = 1 if mode == "symmetric" else max(1, min(ASYMMETRIC_STAGES, count))
-        self.stage_of = {id(t): (i * n_stages) // max(count, 1) for i, t in enumerate(self.eligible)}
-        self.n_stages = n_stages
+        self.memory = int(memory) if memory else int(MEMORY_FRACTION * available_memory())
+        self.reduced: dict[int, int] = {}  # id(target) -> basis size, for layers in a reduced basis
+        self.unfit: dict[int, str] = {}  # id(target) -> why it is not calibrated
+        self.stage_of = self._schedule(stages, whitened or {})
+        self.n_stages = max(self.stage_of.values(), default=-1) + 1
         self.moments: dict[int, _LayerPlan] = {}
         self.done_stages: set[int] = set()
         self.total = 0  # samples seen in the last pass
         self.seconds = 0.0
 
+    def _schedule(self, stages, whitened: dict) -> dict[int, int]:
+        """Stage of every layer, in graph order: a new stage when the statistics would pass the
+        memory bound or the stage holds its share of the layers (len / stages)."""
+        paired = self.mode == "asymmetric"
+        count = len(self.eligible)
+        if not paired:
+            cap = count
+        elif stages == "all":
+            cap = 1
+        else:
+            cap = math.ceil(count / max(1, int(stages or ASYMMETRIC_STAGES)))
+        stage_of, stage, used, in_stage = {}, 0, 0, 0
+        for t in self.eligible:
+            n, groups = input_width(t.layer)
+            need = fit.moments_nbytes(n, groups, paired)
+            if n > WIDE_INPUT or need > self.memory:
+                if whitened.get(id(t), True):
+                    k = min(REDUCED_BASIS, n)
+                    need = fit.moments_nbytes(n, groups, False, reduced=k)
+                    if need <= self.memory:
+                        self.reduced[id(t)] = k
+                if id(t) not in self.reduced and need > self.memory:
+                    self.unfit[id(t)] = (f"calib: its statistics need {_size(need)}, over the {_size(self.memory)} bound "
+                                         "(--calib-memory); data-free factors kept")
+                    continue
+            if in_stage and (used + need > self.memory or in_stage >= cap):
+                stage, used, in_stage = stage + 1, 0, 0
+            stage_of[id(t)] = stage
+            used += need
+            in_stage += 1
+        return stage_of
+
     def summary(self) -> str:
         masked = f", padding rows left out by input {self.mask_input!r}" if self.mask_input else ""
+        reduced = f", {len(self.reduced)} wide layer(s) in a reduced basis" if self.reduced else ""
         return (f"calibrated ({self.mode}) on {self.total} samples of {self.source.label} in {len(self.done_stages)} "
-                f"pass(es), {self.seconds:.1f} s{masked}")
+                f"pass(es), {self.seconds:.1f} s, statistics bound {_size(self.memory)}{reduced}{masked}")
 
     # --- statistics -----------------------------------------------------------------------
 
@@ -234,18 +300,22 @@ class Calibrator:
         t0 = time.perf_counter()
         # A layer of this stage that the caller already finished without refining (kept because
         # its ranks would not reduce MACs) has released its weight: nothing to collect for it.
-        layers = [t for t in self.eligible if self.stage_of[id(t)] == stage and t.layer is not None]
+        layers = [t for t in self.eligible if self.stage_of.get(id(t)) == stage and t.layer is not None]
         paired = self.mode == "asymmetric"
         plans = []
         for t in layers:
-            groups = t.layer.group if isinstance(t.layer, ConvLayer) else 1
-            n = int(np.prod(t.layer.weight.shape[1:])) if isinstance(t.layer, ConvLayer) else t.layer.weight.shape[0]
-            plans.append(_LayerPlan(t, t.node.input[0], [fit.Moments(n, paired) for _ in range(groups)],
-                                    [fit.Moments(n, paired) for _ in range(groups)]))
+            n, groups = input_width(t.layer)
+            if id(t) in self.reduced:
+                bases = [fit.reduced_basis(w, self.reduced[id(t)]) for w in layer_matrices(t.layer)]
+                fits, helds = [fit.ReducedMoments(b) for b in bases], [fit.ReducedMoments(b) for b in bases]
+            else:
+                fits = [fit.Moments(n, paired) for _ in range(groups)]
+                helds = [fit.Moments(n, paired) for _ in range(groups)]
+            plans.append(_LayerPlan(t, t.node.input[0], fits, helds))
         if paired:
             upstream = _upstream_layers(self.model.graph, layers)
             for plan in plans:
-                plan.paired_ok = not upstream[id(plan.target)]
+                plan.paired_ok = not upstream[id(plan.target)] and id(plan.target) not in self.reduced
         tensors = sorted({p.tensor for p in plans})
         dtypes = {t.node.input[0]: t.weight_dtype for t in layers}
         original = _session_with_outputs(self.original, tensors, dtypes)
@@ -265,9 +335,10 @@ class Calibrator:
                 held = ((seen + sample_of_row) % data.HOLDOUT_EVERY) == data.HOLDOUT_EVERY - 1
                 parts_o = _extract(plan.target, x_o, selector)
                 parts_c = _extract(plan.target, outs_c[plan.tensor], selector) if paired else parts_o
+                pair = paired and plan.fit[0].paired
                 for gi, (pc, po) in enumerate(zip(parts_c, parts_o)):
-                    plan.fit[gi].add(pc[~held], po[~held] if paired else None)
-                    plan.held[gi].add(pc[held], po[held] if paired else None)
+                    plan.fit[gi].add(pc[~held], po[~held] if pair else None)
+                    plan.held[gi].add(pc[held], po[held] if pair else None)
             seen += batch
             progress.update(seen)
             del outs_o, outs_c
@@ -291,6 +362,9 @@ class Calibrator:
         """The replacement with data-aware factor values (same ranks, same chain, a refitted bias
         in ``replacement.bias`` where the layer can take one), or the data-free one with a note
         saying why not. ``keep``: keep the layer's statistics for more candidates."""
+        if id(target) in self.unfit:
+            replacement.notes.append(self.unfit[id(target)])
+            return replacement
         plan = self.plan_for(target)
         if plan is None:
             replacement.notes.append("calib: layer not calibrated (inside a subgraph); data-free factors kept")
@@ -302,6 +376,8 @@ class Calibrator:
         finally:
             if not keep:
                 self.release(target)
+        if id(target) in self.reduced:
+            note += f"; statistics in a reduced basis of {self.reduced[id(target)]} of {input_width(target.layer)[0]} inputs"
         new.notes.append(note)
         log.info("%s: %s", target.name, note)
         return new
@@ -336,6 +412,9 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit_mome
     """(new replacement, note). Keeps the data-free replacement when no data-aware one is better
     on the held-out rows; the method's refit and rebuild do the work (onnxlr.methods)."""
     method = methods.get(replacement.method)
+    if isinstance(fit_moments[0], fit.ReducedMoments) and not method.whitened:
+        return replacement, (f"calib: the input is too wide for full statistics and {method.name}'s refit needs "
+                             "them; data-free factors kept")
     weights = layer_matrices(layer)
     t_g = weights[0].shape[0]
     biases = [None if bias is None else bias[gi * t_g : (gi + 1) * t_g] for gi in range(len(weights))]
@@ -386,3 +465,10 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit_mome
         how.append("shrunk covariance")
     how = f" ({'; '.join(how)})" if how else ""
     return new, f"calib: {where} output error {before:.4g} -> {after:.4g}{how}"
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} B"

@@ -252,7 +252,10 @@ def _new_bias(w, b, w_new, mu_c, mu_o, fit_bias) -> np.ndarray | None:
 def output_error(
     w: np.ndarray, b: np.ndarray | None, w_new: np.ndarray, b_new: np.ndarray | None, moments: Moments
 ) -> tuple[float, float]:
-    """(E||y* - W' x_c - b'||^2, E||y*||^2) per row, exactly, from the moments."""
+    """(E||y* - W' x_c - b'||^2, E||y*||^2) per row, exactly, from the moments (under the
+    low-rank-plus-isotropic model for :class:`ReducedMoments`)."""
+    if isinstance(moments, ReducedMoments):
+        return moments.output_error(w, b, w_new, b_new)
     t = w.shape[0]
     a = np.concatenate([np.asarray(w, np.float64), _col(b, t)], axis=1)
     a_new = np.concatenate([np.asarray(w_new, np.float64), _col(b_new, t)], axis=1)
@@ -270,3 +273,153 @@ def _col(b, t) -> np.ndarray:
 def relative_error(w, b, w_new, b_new, moments: Moments) -> float:
     err, ref = output_error(w, b, w_new, b_new, moments)
     return float(np.sqrt(err / ref)) if ref > 0 else float(np.sqrt(err))
+
+
+# --- wide inputs: moments in a reduced basis ------------------------------------------------------
+#
+# A layer whose input is too wide for n x n statistics (VGG-16's 25088-wide classifier: 4.7 GB per
+# float64 matrix) keeps the moments of z = B^T x in an orthonormal basis B [n, k] and the total
+# variance of x. Its covariance is modelled as
+#
+#     Sigma ~= B Sigma_z B^T + lam (I - B B^T),   lam = (tr Sigma - tr Sigma_z) / (n - k),
+#
+# exact inside span(B), isotropic outside it. B is the leading right-singular subspace of W (the
+# directions the layer reads most) plus a random complement, so the whitened truncation keeps the
+# directions where both the weight and the data are large. Memory is O(k^2 + n), not O(n^2).
+# Wide layers fit on the inputs the model being compressed gives them (symmetric statistics).
+
+
+def reduced_basis(w: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """B [n, k], orthonormal: the top right-singular directions of W [T, n] (up to k/2 of them)
+    and a seeded Gaussian complement."""
+    n = w.shape[1]
+    k = min(k, n)
+    w = np.asarray(w, dtype=np.float64)
+    gram = w @ w.T  # T x T: cheap next to n x n
+    values, vectors = scipy.linalg.eigh(gram, check_finite=False)
+    top = min(k // 2, int(np.sum(values > values.max() * 1e-12)))
+    order = np.argsort(values)[::-1][:top]
+    right = (w.T @ vectors[:, order]) / np.sqrt(values[order])  # n x top
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(np.concatenate([right, rng.standard_normal((n, k - top))], axis=1))
+    return basis
+
+
+@dataclass
+class ReducedMoments:
+    """Streaming moments of z = B^T x plus sum x and sum ||x||^2 (see the section comment)."""
+
+    basis: np.ndarray  # [n, k]
+    count: int = 0
+    paired: bool = False
+    sum_x: np.ndarray = field(init=False)
+    sum_z: np.ndarray = field(init=False)
+    zz: np.ndarray = field(init=False)
+    sq: float = 0.0
+
+    def __post_init__(self):
+        n, k = self.basis.shape
+        self.sum_x, self.sum_z, self.zz = np.zeros(n), np.zeros(k), np.zeros((k, k))
+
+    @property
+    def n(self) -> int:
+        return self.basis.shape[0]
+
+    def add(self, x_c: np.ndarray, x_o: np.ndarray | None = None) -> None:
+        x = np.asarray(x_c, dtype=np.float64)
+        if x.shape[0] == 0:
+            return
+        z = x @ self.basis
+        self.count += x.shape[0]
+        self.sum_x += x.sum(axis=0)
+        self.sum_z += z.sum(axis=0)
+        self.zz += z.T @ z
+        self.sq += float(np.einsum("ij,ij->", x, x))
+
+    def merged(self, other: ReducedMoments) -> ReducedMoments:
+        out = ReducedMoments(self.basis)
+        out.count, out.sq = self.count + other.count, self.sq + other.sq
+        out.sum_x, out.sum_z, out.zz = self.sum_x + other.sum_x, self.sum_z + other.sum_z, self.zz + other.zz
+        return out
+
+    def model(self, centered: bool) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        """(eigenvalues l [k] of Sigma_z, their vectors in x space G = B V [n, k], lam, mean mu)."""
+        if self.count == 0:
+            raise ValueError("no calibration rows were accumulated")
+        inv = 1.0 / self.count
+        mu = self.sum_x * inv if centered else np.zeros(self.n)
+        mu_z = self.sum_z * inv if centered else np.zeros(self.basis.shape[1])
+        sigma_z = self.zz * inv - np.outer(mu_z, mu_z)
+        total = self.sq * inv - float(mu @ mu)
+        k = self.basis.shape[1]
+        lam = max((total - float(np.trace(sigma_z))) / max(self.n - k, 1), 0.0)
+        values, vectors = scipy.linalg.eigh((sigma_z + sigma_z.T) / 2, check_finite=False)
+        values = np.clip(values, 0.0, None)
+        floor = RIDGE * max(float(values.mean()), lam, np.finfo(np.float64).tiny)
+        return values + floor, self.basis @ vectors, lam + floor, mu
+
+    def output_error(self, w, b, w_new, b_new) -> tuple[float, float]:
+        """(E||W x + b - W' x - b'||^2, E||W x + b||^2) per row, under the covariance model."""
+        values, g, lam, _ = self.model(centered=False)  # uncentered second moments
+        mu = self.sum_x / max(self.count, 1)
+
+        def energy(a: np.ndarray, c: np.ndarray | None) -> float:
+            ag = a @ g
+            quad = float(np.sum(ag * ag * values)) + lam * (float(np.sum(a * a)) - float(np.sum(ag * ag)))
+            if c is not None:
+                quad += 2 * float(c @ (a @ mu)) + float(c @ c)
+            return quad
+
+        w = np.asarray(w, dtype=np.float64)
+        d = w - np.asarray(w_new, dtype=np.float64)
+        t = w.shape[0]
+        c_ref = None if b is None else np.asarray(b, np.float64).reshape(t)
+        c_new = None if b_new is None else np.asarray(b_new, np.float64).reshape(t)
+        c_diff = None if c_ref is None and c_new is None else (
+            (np.zeros(t) if c_ref is None else c_ref) - (np.zeros(t) if c_new is None else c_new))
+        return max(energy(d, c_diff), 0.0), energy(w, c_ref)
+
+
+def reduced_whitened_svd(w: np.ndarray, b: np.ndarray | None, moments: ReducedMoments, rank: int, fit_bias: bool,
+                         shrink: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`whitened_svd` under the reduced covariance model: (P [R, n], Q [T, R], b').
+
+    With Sigma = G diag(l) G^T + lam (I - G G^T), S = Sigma^(1/2) = sqrt(lam) I + G diag(sqrt(l) -
+    sqrt(lam)) G^T; W S is T x n (the size of W), truncated by its SVD; P = sqrt(s_R) Z_R^T S^-1."""
+    from onnxlr.methods.linalg import left_singular  # noqa: PLC0415 -- the Gram route, never V of a wide W
+
+    w = np.asarray(w, dtype=np.float64)
+    values, g, lam, mu = moments.model(centered=fit_bias)
+    if shrink > 0:
+        mean = (float(values.sum()) + lam * (moments.n - values.size)) / moments.n
+        values, lam = (1 - shrink) * values + shrink * mean, (1 - shrink) * lam + shrink * mean
+    root, root_lam = np.sqrt(values), np.sqrt(lam)
+    wg = w @ g
+    ws = root_lam * w + (wg * (root - root_lam)) @ g.T  # W S
+    transposed = ws.shape[0] > ws.shape[1]
+    work = ws.T if transposed else ws
+    singular, basis = left_singular(work)  # work = basis diag(s) Z^T
+    rank = min(rank, singular.size)
+    u = np.asarray(basis[:, :rank], dtype=np.float64)
+    s = singular[:rank]
+    z_t = (u.T @ work) / np.maximum(s, np.finfo(np.float64).tiny)[:, None]  # [R, cols]
+    if transposed:  # ws.T = u diag(s) z_t: ws = z_t.T diag(s) u.T
+        u, z_t = z_t.T, u.T
+    scale = np.sqrt(np.maximum(s, np.finfo(np.float64).tiny))
+    q = u * scale
+    zg = z_t @ g
+    p = (z_t / root_lam + (zg * (1 / root - 1 / root_lam)) @ g.T) * scale[:, None]  # sqrt(s) Z^T S^-1
+    new_bias = b
+    if fit_bias:
+        base = np.zeros(w.shape[0]) if b is None else np.asarray(b, dtype=np.float64)
+        new_bias = base + (w - q @ p) @ mu
+    return p, q, new_bias
+
+
+def moments_nbytes(n: int, groups: int, paired: bool, reduced: int | None = None) -> int:
+    """Bytes the statistics of one layer hold (fit and held-out moments, float64), plus the
+    working copies of its solve (an eigendecomposition of the covariance, a copy to whiten)."""
+    if reduced:
+        return groups * 8 * (2 * (reduced * reduced + reduced + n) + n * reduced + 3 * reduced * reduced)
+    mats = 3 if paired else 1
+    return groups * 8 * (2 * mats * n * n + 3 * n * n)

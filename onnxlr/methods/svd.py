@@ -152,7 +152,9 @@ def refit(layer, replacement: Replacement, weights, biases, moments, fit_bias: b
           paired_ridge: float | None = None, shrink: bool = False) -> Fit:
     """Activation-aware truncation at the same rank (calib.fit.whitened_svd), per group."""
     rank = replacement.ranks["rank"]
-    parts = [fit.whitened_svd(w, b, m, rank, fit_bias, paired_ridge=paired_ridge,
+    parts = [fit.reduced_whitened_svd(w, b, m, rank, fit_bias, shrink=fit.shrinkage(m) if shrink else 0.0)
+             if isinstance(m, fit.ReducedMoments) else
+             fit.whitened_svd(w, b, m, rank, fit_bias, paired_ridge=paired_ridge,
                               shrink=fit.shrinkage(m) if shrink else 0.0)
              for w, b, m in zip(weights, biases, moments)]
     return Fit([q @ p for p, q, _ in parts], [nb for _, _, nb in parts], parts)
