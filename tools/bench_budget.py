@@ -130,7 +130,7 @@ def add_macs(data: dict, folder: Path, calib: Path) -> None:
     calibration sample, as ``tools.eval_suite`` counts them) of the kept models: ``macs`` of the
     original (``baseline_macs``) and of every point. The sweep's ``macs_fraction`` only covers
     layers whose shapes are static."""
-    from tools.eval_suite import count_macs
+    from tools.real_models.common import count_macs
 
     paths = sorted(folder.glob("point_*.onnx"))
     if len(paths) != len(data["points"]) + 1:

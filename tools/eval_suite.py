@@ -60,6 +60,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from tools.real_models.common import count_macs
+
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / ".cache" / "real-models"
 CACHE = ROOT / ".cache" / "eval-suite"
@@ -281,43 +283,6 @@ def params(model: onnx.ModelProto) -> int:
             for a in node.attribute:
                 if a.name == "value":
                     total += int(np.prod(a.t.dims))
-    return total
-
-
-def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
-    """MACs of every Conv, Gemm and MatMul (main graph) for ``feed``, from the shapes onnxruntime
-    produces: each of their inputs and outputs is exposed as a graph output for one run."""
-    import onnxruntime as ort
-
-    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    known = {o.name for o in copy.graph.output} | {i.name for i in copy.graph.input}
-    inits = {t.name: list(t.dims) for t in copy.graph.initializer}
-    wanted = {name for n in nodes for name in (*n.input[:2], n.output[0])
-              if name and name not in known and name not in inits}
-    for name in sorted(wanted):
-        copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(copy.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    shapes = {n: list(v.shape) for n, v in zip(names, sess.run(None, feed))}
-    shapes.update({k: list(v.shape) for k, v in feed.items()})
-    shapes.update(inits)
-    total = 0
-    for n in nodes:
-        out = shapes[n.output[0]]
-        a, w = shapes[n.input[0]], shapes[n.input[1]]
-        if n.op_type == "Conv":
-            k = int(np.prod(w[1:]))
-        elif n.op_type == "Gemm":
-            trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
-            k = a[0] if trans_a else a[-1]
-        else:
-            k = a[-1]
-        total += int(np.prod(out)) * int(k)
     return total
 
 
