@@ -50,6 +50,25 @@ def _add_calib_options(p) -> None:
     p.add_argument("--calib", metavar="DATA", help="calibration data: an .npz keyed by input name "
                    "(samples stacked on the batch axis) or a folder of .npz files (each stacked, or one "
                    "feed at the model's exact shapes); refines the factors on it")
+    p.add_argument("--calib-loader", metavar="FILE.py[:FN]", help="calibration data from a Python "
+                   "function (default name: load_data) returning an iterable of feed dicts, input name "
+                   "-> array; called again for every pass")
+    p.add_argument("--calib-images", metavar="DIR", help="calibration data from a folder of image files "
+                   "(png, jpeg, bmp, ...; needs pip install onnxlr[images]) for the model's one image "
+                   "input: resized (aspect kept) to cover --size, center-cropped, x = (pixel / --scale "
+                   "- --mean) / --std")
+    g = p.add_argument_group("image preprocessing (--calib-images)")
+    g.add_argument("--size", metavar="S|H,W", help="crop size (default: the input's fixed height and width)")
+    g.add_argument("--resize", type=int, metavar="N", help="resize the shorter side to N before the "
+                   "center crop, e.g. 256 for a 224 crop (default: just cover --size)")
+    g.add_argument("--mean", metavar="M[,M,M]", help="per-channel mean in --channel-order, in units of "
+                   "pixel / --scale, e.g. 0.485,0.456,0.406 (default: 0)")
+    g.add_argument("--std", metavar="S[,S,S]", help="per-channel std, e.g. 0.229,0.224,0.225 (default: 1)")
+    g.add_argument("--layout", choices=("auto", "NCHW", "NHWC"),
+                   help="the input's layout (default auto: from where it has 1 or 3 channels)")
+    g.add_argument("--channel-order", choices=("RGB", "BGR"), help="channel order (default: RGB)")
+    g.add_argument("--scale", type=float, help="pixels are divided by this first (default: 255)")
+    g.add_argument("--input", metavar="NAME", help="the image input (default: the model's only input)")
     p.add_argument("--calib-samples", type=int, default=None, metavar="N",
                    help="use at most N calibration samples (default: all)")
     p.add_argument("--calib-mask", default="auto", metavar="INPUT|auto|none",
@@ -73,6 +92,12 @@ def _add_provider_option(p) -> None:
                    help="onnxruntime execution provider (default: cpu)")
 
 
+def _add_provider_options_option(p, where: str = "") -> None:
+    p.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the --provider's onnxruntime execution provider, repeatable, e.g. "
+                        f"use_tf32=0 (CUDA: no TF32 in convs and matmuls){where}; the CPU provider takes none")
+
+
 def _add_shape_option(p, what: str) -> None:
     p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
                    help=f"shape of an input with dynamic dims, e.g. input:1,3,224,224, {what} "
@@ -83,11 +108,28 @@ def _selection_fields(args) -> dict:
     fields = {"method": args.method, "include": tuple(args.include), "exclude": tuple(args.exclude)}
     if args.round_to is not None:
         fields["round_to"] = args.round_to
-    if args.calib is not None:
-        fields.update(calib=args.calib, calib_samples=args.calib_samples, calib_mode=args.calib_mode,
+    calib = _calib_data(args)
+    if calib is not None:
+        fields.update(calib=calib, calib_samples=args.calib_samples, calib_mode=args.calib_mode,
                       calib_mask=args.calib_mask, calib_memory=args.calib_memory,
                       calib_stages=args.calib_stages)
     return fields
+
+
+def _calib_data(args):
+    """--calib, --calib-loader or --calib-images (with its preprocessing flags) -> data."""
+    from onnxlr.data import image_folder, select_data
+
+    images = image_folder(args.calib_images, size=args.size, resize=args.resize, mean=args.mean, std=args.std,
+                          layout=args.layout, channel_order=args.channel_order, scale=args.scale, input=args.input)
+    return select_data("--calib", args.calib, loader=args.calib_loader, images=images)
+
+
+def _inputs_data(args):
+    """--inputs (an .npz, a folder, FILE.py[:FN]) or --inputs-loader -> data (None: random)."""
+    from onnxlr.data import select_data
+
+    return select_data("--inputs", args.inputs, loader=args.inputs_loader)
 
 
 # --- compress -------------------------------------------------------------------------------
@@ -185,6 +227,12 @@ def _run_compress(args) -> int:
     from onnxlr.pipeline import compress_file
 
     config = _compress_config(args)
+    if args.provider_option:  # checked before compressing, not after
+        if not args.verify:
+            raise OnnxlrError("compress: --provider-option applies to --verify; add --verify or drop it")
+        from onnxlr.runtime import resolve_provider
+
+        resolve_provider(args.provider, args.provider_option)
     steps = args.verify and config.quantize is not None  # keep the factorized float model to compare
     with tempfile.TemporaryDirectory(prefix="onnxlr-float-") as tmp:
         float_path = Path(tmp) / "factorized_fp32.onnx" if steps else None
@@ -213,8 +261,9 @@ def _verify_steps(args, config, report, float_path) -> int:
 
     steps = compare_steps(
         args.model, str(float_path), args.output, quantize=config.quantize, calib=config.calib,
-        calib_samples=config.calib_samples, inputs=args.inputs, shapes=parse_shapes(args.shape),
+        calib_samples=config.calib_samples, inputs=_inputs_data(args), shapes=parse_shapes(args.shape),
         samples=args.samples, seed=args.seed, int_range=parse_int_range(args.int_range), provider=args.provider,
+        provider_options=args.provider_option or None,
         runs=args.bench_runs, max_rel_error=args.max_rel_error, min_top1=args.min_top1,
     )
     print()
@@ -230,13 +279,14 @@ def _verify_and_bench(args, report) -> int:
     from onnxlr.proof.verify import verify
     from onnxlr.report.compress import compress_summary
 
-    shapes = parse_shapes(args.shape)
+    shapes, inputs = parse_shapes(args.shape), _inputs_data(args)
     result = verify(
-        args.model, args.output, inputs=args.inputs, shapes=shapes if args.inputs is None else None,
+        args.model, args.output, inputs=inputs, shapes=shapes if inputs is None else None,
         samples=args.samples, seed=args.seed, int_range=parse_int_range(args.int_range), provider=args.provider,
-        max_rel_error=args.max_rel_error, min_top1=args.min_top1,
+        max_rel_error=args.max_rel_error, min_top1=args.min_top1, provider_options=args.provider_option or None,
     )
     timing = bench([args.model, args.output], provider=args.provider, runs=args.bench_runs,
+                   provider_options=args.provider_option or None,
                    shapes=shapes or None, seed=args.seed, int_range=parse_int_range(args.int_range))
     print()
     print(compress_summary(report, result, timing))
@@ -293,8 +343,9 @@ def _add_check_options(p) -> None:
 
     p.add_argument("--inputs", metavar="DATA",
                    help="real data: an .npz keyed by input name with samples stacked on the batch axis, "
-                        "or a folder of .npz files (each stacked, or one feed at exact shapes); default: "
-                        "seeded random data")
+                        "or a folder of .npz files (each stacked, or one feed at exact shapes), or "
+                        "FILE.py[:FN], a Python data loader; default: seeded random data")
+    _add_inputs_loader_option(p)
     _add_shape_option(p, "for random inputs")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                    help=f"random samples to draw (default: {DEFAULT_SAMPLES})")
@@ -302,6 +353,7 @@ def _add_check_options(p) -> None:
     p.add_argument("--int-range", default="0:100", metavar="LO:HI",
                    help="range [LO, HI) of random integer inputs, e.g. token ids (default: 0:100)")
     _add_provider_option(p)
+    _add_provider_options_option(p, " (compress: for --verify; budget timings use the defaults)")
     p.add_argument("--max-rel-error", type=parse_tolerance, default=DEFAULT_MAX_REL_ERROR,
                    metavar="E", help="largest relative L2 error allowed on any output, or 'none' "
                                      f"(default: {DEFAULT_MAX_REL_ERROR:g})")
@@ -310,15 +362,20 @@ def _add_check_options(p) -> None:
                         "(default: not checked)")
 
 
+def _add_inputs_loader_option(p) -> None:
+    p.add_argument("--inputs-loader", metavar="FILE.py[:FN]", help="real data from a Python function "
+                   "(default name: load_data) returning an iterable of feed dicts, input name -> array")
+
+
 def _run_verify(args) -> int:
     from onnxlr.data import parse_int_range, parse_shapes
     from onnxlr.proof.verify import verify, write_json
 
     result = verify(
-        args.reference, args.candidate, inputs=args.inputs, shapes=parse_shapes(args.shape),
+        args.reference, args.candidate, inputs=_inputs_data(args), shapes=parse_shapes(args.shape),
         samples=args.samples, seed=args.seed, int_range=parse_int_range(args.int_range),
         provider=args.provider, max_rel_error=args.max_rel_error, min_top1=args.min_top1,
-        per_layer=args.per_layer,
+        per_layer=args.per_layer, provider_options=args.provider_option or None,
     )
     if args.json:
         write_json(args.json, result.to_dict())
@@ -339,6 +396,7 @@ def _add_bench(sub) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help=".onnx models (the first is the baseline)")
     _add_provider_option(p)
+    _add_provider_options_option(p)
     p.add_argument("--threads", type=int, help="intra-op threads (default: number of cores)")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                    help=f"untimed runs per model (default: {DEFAULT_WARMUP})")
@@ -350,6 +408,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--int-range", default="0:100", metavar="LO:HI",
                    help="range of random integer inputs such as token ids (default: 0:100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    p.add_argument("--inputs", metavar="DATA", help="time the first --batch samples of real data (an .npz, "
+                   "a folder of them, or FILE.py[:FN]) instead of random inputs")
+    _add_inputs_loader_option(p)
     p.add_argument("--host-io", action="store_true",
                    help="on a GPU provider, time numpy inputs and outputs, host<->device copies "
                         "included (default: inputs bound on the device once, outputs kept there)")
@@ -363,9 +424,10 @@ def _run_bench(args) -> int:
     from onnxlr.proof.verify import write_json
 
     result = bench(
-        args.models, provider=args.provider, threads=args.threads, warmup=args.warmup,
+        args.models, provider=args.provider, provider_options=args.provider_option or None,
+        threads=args.threads, warmup=args.warmup,
         runs=args.runs, shapes=parse_shapes(args.shape), batch=args.batch, seed=args.seed,
-        int_range=parse_int_range(args.int_range), host_io=args.host_io,
+        int_range=parse_int_range(args.int_range), host_io=args.host_io, inputs=_inputs_data(args),
     )
     if args.json:
         write_json(args.json, result.to_dict())

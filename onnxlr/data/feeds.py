@@ -15,7 +15,10 @@ Sources (:func:`open_source`):
     arrays         a dict of arrays, read like a stacked .npz
     random         seeded, drawn per sample at the declared shapes (dynamic dims from --shape,
                    else 1), never by stacking along an axis that is not a batch axis
-    feeds          any iterable of feed dicts (a Python data loader)
+    feeds          any iterable of feed dicts
+    loader         ``file.py[:function]``, a function returning feed dicts, re-called per pass
+                   (:mod:`.loaders`)
+    images         a folder of image files, decoded and preprocessed (:mod:`.images`)
 
 Batch axis of an input (:func:`batch_axes`): the axis of the symbolic dim that carries the model's
 batch name (the name most inputs have on axis 0: ``batch`` in [2, batch, 128]); else axis 0 when
@@ -339,7 +342,10 @@ def resolve_shapes(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int
 def open_source(data, specs: Sequence[InputSpec], *, shapes=None, samples: int = 16, seed: int = 0,
                 int_range: tuple[int, int] = (0, 100), what: str = "--inputs") -> Source:
     """A Source from what a user passes: None (random), a path (.npz or folder), a dict of
-    arrays, a Source, or an iterable of feed dicts."""
+    arrays, a Source, an object with a ``to_source(specs, what)`` method
+    (:class:`~onnxlr.data.loaders.DataLoader`, :class:`~onnxlr.data.images.ImageFolder`), or an
+    iterable of feed dicts. ``onnxlr.data.open_source`` (:func:`.loaders.open_source`) also takes
+    ``"file.py[:function]"``."""
     if isinstance(data, Source):
         return data
     if data is None:
@@ -348,6 +354,8 @@ def open_source(data, specs: Sequence[InputSpec], *, shapes=None, samples: int =
         raise OnnxlrError("--shape applies to random inputs only; with data the data's shapes are used, so drop --shape")
     if isinstance(data, (str, os.PathLike)):
         return npz_source(data, specs, what)
+    if callable(getattr(data, "to_source", None)):
+        return data.to_source(specs, what)
     if isinstance(data, Mapping):
         return arrays_source(data, specs)
     return feeds_source(data, specs, "feeds")

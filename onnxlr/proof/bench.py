@@ -90,6 +90,7 @@ def bench(
     models: Sequence[runtime.ModelLike] | runtime.ModelLike,
     *,
     provider: str = "cpu",
+    provider_options: Mapping[str, str] | Sequence[str] | None = None,
     threads: int | None = None,
     warmup: int = DEFAULT_WARMUP,
     runs: int = DEFAULT_RUNS,
@@ -98,12 +99,15 @@ def bench(
     seed: int = 0,
     int_range: tuple[int, int] = (0, 100),
     host_io: bool = False,
+    inputs=None,
 ) -> BenchResult:
     """Benchmark ``models`` (paths or ``ModelProto``\\ s) interleaved on identical inputs.
 
     ``threads`` defaults to the number of cores; ``batch`` sets dynamic batch dims (``shapes``
     overrides per input, other dynamic dims are 1). On a GPU provider the inputs sit on the device
-    and the outputs stay there unless ``host_io`` (see :func:`runtime.timed_runner`). Raises
+    and the outputs stay there unless ``host_io`` (see :func:`runtime.timed_runner`). ``inputs``:
+    real data instead of random (anything :func:`data.open_source` takes: an .npz, a folder, a
+    ``file.py:function`` loader, a dict); its first feed of ``batch`` samples is timed. Raises
     ``OnnxlrError`` on bad models/options.
     """
     if isinstance(models, (str, bytes, onnx.ModelProto)) or not isinstance(models, Sequence):
@@ -117,15 +121,22 @@ def bench(
     if threads is not None and threads < 1:
         raise OnnxlrError(f"threads must be at least 1, got {threads}")
     threads = threads or runtime.default_threads()
-    providers = runtime.resolve_provider(provider)
+    providers = runtime.resolve_provider(provider, provider_options)
     labels = [runtime.model_label(m) for m in models]
     sessions = [runtime.make_session(m, providers=providers, threads=threads) for m in models]
 
     specs = runtime.input_specs(sessions[0])
     for sess, label in zip(sessions[1:], labels[1:]):
         runtime.check_same_inputs(specs, runtime.input_specs(sess), label)
-    feed_shapes = data.resolve_shapes(specs, shapes, batch)
-    feed = next(iter(data.random_source(specs, feed_shapes, 1, seed=seed, int_range=int_range)))
+    if inputs is None:
+        feed_shapes = data.resolve_shapes(specs, shapes, batch)
+        feed = next(iter(data.random_source(specs, feed_shapes, 1, seed=seed, int_range=int_range)))
+    else:
+        source = data.open_source(inputs, specs, shapes=shapes, what="--inputs")
+        size = data.fixed_batch(specs) or batch
+        feed = next(data.batches(data.limited(source, size), specs, size), None)
+        if feed is None:
+            raise OnnxlrError(f"bench --inputs {source.label} holds no samples")
     per_run = data.sample_rows(feed, specs)
 
     for sess, label in zip(sessions, labels):  # first run: catches shape errors as user errors
@@ -154,6 +165,6 @@ def bench(
         warmup=warmup,
         runs=runs,
         batch=per_run,
-        input_shapes={k: list(v) for k, v in feed_shapes.items()},
-        io="host" if host_io or providers[0] == "CPUExecutionProvider" else "device",
+        input_shapes={k: list(v.shape) for k, v in feed.items()},
+        io="host" if host_io or runtime.provider_names(providers)[0] == "CPUExecutionProvider" else "device",
     )
