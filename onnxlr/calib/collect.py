@@ -41,7 +41,7 @@ from onnxlr.calib import fit
 from onnxlr.errors import OnnxlrError
 from onnxlr.layers import ConvLayer, Replacement
 from onnxlr.methods.base import group_blocks, layer_matrices
-from onnxlr.model.edit import expose_outputs
+from onnxlr.model.edit import prune_to_outputs
 from onnxlr.model.splice import read_bias
 from onnxlr.model.targets import Target
 from onnxlr.report.progress import Progress
@@ -319,14 +319,19 @@ class Calibrator:
         tensors = sorted({p.tensor for p in plans})
         dtypes = {t.node.input[0]: t.weight_dtype for t in layers}
         original = _session_with_outputs(self.original, tensors, dtypes)
-        current = _session_with_outputs(self.model.SerializeToString(), tensors, dtypes) if paired else None
+        current = None
+        if paired:
+            current_bytes = self.model.SerializeToString()
+            # Before any layer is replaced the two models are one: run it once (the first stage).
+            current = original if current_bytes == self.original else _session_with_outputs(current_bytes, tensors, dtypes)
+            del current_bytes
         rng = np.random.default_rng(SEED + stage)
         seen = 0
         progress = Progress(f"calibration pass {stage + 1}/{self.n_stages}", self.samples or self.source.count,
                             unit="samples")
         for feed in data.batches(data.limited(self.source, self.samples), self.specs, CHUNK):
             outs_o = _run(original, feed, tensors)
-            outs_c = _run(current, feed, tensors) if paired else outs_o
+            outs_c = outs_o if current is original or not paired else _run(current, feed, tensors)
             batch = data.sample_rows(feed, self.specs)
             row_mask = feed.get(self.mask_input) if self.mask_input else None
             for plan in plans:
@@ -384,23 +389,26 @@ class Calibrator:
 
 
 def _session_with_outputs(model_bytes: bytes, tensors: list[str], dtypes: dict):
+    """A session computing just ``tensors``: the model cut to the prefix they need (measured on
+    the bundled model: the prefix up to its second conv runs 8x faster than the whole model, while
+    the whole model with only that tensor as output runs about as long as before)."""
     model = onnx.ModelProto()
     model.ParseFromString(model_bytes)
     inputs = {vi.name for vi in model.graph.input}
     wanted = {name: dtypes.get(name, onnx.TensorProto.FLOAT) for name in tensors if name not in inputs}
-    exposed = expose_outputs(model, wanted)
+    if not wanted:
+        return None
+    prefix = prune_to_outputs(model, wanted)
     del model
-    data_bytes = exposed.SerializeToString()
-    del exposed
+    data_bytes = prefix.SerializeToString()
+    del prefix
     return make_session(data_bytes)
 
 
 def _run(session, feed, tensors) -> dict[str, np.ndarray]:
-    if session is None:
-        return {}
+    """The ``tensors`` for one feed (graph inputs among them come from the feed itself)."""
     wanted = [t for t in tensors if t not in feed]
-    values = run_session(session, feed, wanted, "the model on the calibration data")
-    out = dict(zip(wanted, values))
+    out = dict(zip(wanted, run_session(session, feed, wanted, "the model on the calibration data"))) if wanted else {}
     for t in tensors:
         if t in feed:
             out[t] = feed[t]

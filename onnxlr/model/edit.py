@@ -209,3 +209,42 @@ def expose_outputs(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.Mode
         graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
         declared.add(name)
     return copy
+
+
+def prune_to_outputs(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` whose only outputs are ``tensors`` (name -> element type, as for
+    :func:`expose_outputs`) and whose main graph keeps only the nodes they need: a prefix of the
+    model, which onnxruntime runs in a fraction of the whole model's time (it does not prune an
+    unneeded tail by itself). Graph inputs stay declared, used or not, so every feed still fits."""
+    copy = expose_outputs(model, tensors)
+    graph = copy.graph
+    kept_outputs = [o for o in graph.output if o.name in tensors]
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    needed, stack = set(), list(tensors)
+    while stack:
+        index = producer.get(stack.pop())
+        if index is None or index in needed:
+            continue
+        needed.add(index)
+        stack.extend(_reads(graph.node[index]))
+    for i in reversed(range(len(graph.node))):
+        if i not in needed:
+            del graph.node[i]
+    remove_unused_constants(graph, [t.name for t in graph.initializer])  # graph inputs stay
+    return copy
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs and, for If/Loop/Scan, what its bodies read from the
+    enclosing scope."""
+    names = [name for name in node.input if name]
+    for attr in node.attribute:
+        bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for body in bodies:
+            inner = {o for n in body.node for o in n.output} | {i.name for i in body.input} | {
+                t.name for t in body.initializer}
+            for n in body.node:
+                names.extend(name for name in _reads(n) if name not in inner)
+    return names
