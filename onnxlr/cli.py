@@ -92,6 +92,12 @@ def _add_provider_option(p) -> None:
                    help="onnxruntime execution provider (default: cpu)")
 
 
+def _add_provider_options_option(p, where: str = "") -> None:
+    p.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the --provider's onnxruntime execution provider, repeatable, e.g. "
+                        f"use_tf32=0 (CUDA: no TF32 in convs and matmuls){where}; the CPU provider takes none")
+
+
 def _add_shape_option(p, what: str) -> None:
     p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
                    help=f"shape of an input with dynamic dims, e.g. input:1,3,224,224, {what} "
@@ -221,6 +227,12 @@ def _run_compress(args) -> int:
     from onnxlr.pipeline import compress_file
 
     config = _compress_config(args)
+    if args.provider_option:  # checked before compressing, not after
+        if not args.verify:
+            raise OnnxlrError("compress: --provider-option applies to --verify; add --verify or drop it")
+        from onnxlr.runtime import resolve_provider
+
+        resolve_provider(args.provider, args.provider_option)
     steps = args.verify and config.quantize is not None  # keep the factorized float model to compare
     with tempfile.TemporaryDirectory(prefix="onnxlr-float-") as tmp:
         float_path = Path(tmp) / "factorized_fp32.onnx" if steps else None
@@ -251,6 +263,7 @@ def _verify_steps(args, config, report, float_path) -> int:
         args.model, str(float_path), args.output, quantize=config.quantize, calib=config.calib,
         calib_samples=config.calib_samples, inputs=_inputs_data(args), shapes=parse_shapes(args.shape),
         samples=args.samples, seed=args.seed, int_range=parse_int_range(args.int_range), provider=args.provider,
+        provider_options=args.provider_option or None,
         runs=args.bench_runs, max_rel_error=args.max_rel_error, min_top1=args.min_top1,
     )
     print()
@@ -270,9 +283,10 @@ def _verify_and_bench(args, report) -> int:
     result = verify(
         args.model, args.output, inputs=inputs, shapes=shapes if inputs is None else None,
         samples=args.samples, seed=args.seed, int_range=parse_int_range(args.int_range), provider=args.provider,
-        max_rel_error=args.max_rel_error, min_top1=args.min_top1,
+        max_rel_error=args.max_rel_error, min_top1=args.min_top1, provider_options=args.provider_option or None,
     )
     timing = bench([args.model, args.output], provider=args.provider, runs=args.bench_runs,
+                   provider_options=args.provider_option or None,
                    shapes=shapes or None, seed=args.seed, int_range=parse_int_range(args.int_range))
     print()
     print(compress_summary(report, result, timing))
@@ -339,6 +353,7 @@ def _add_check_options(p) -> None:
     p.add_argument("--int-range", default="0:100", metavar="LO:HI",
                    help="range [LO, HI) of random integer inputs, e.g. token ids (default: 0:100)")
     _add_provider_option(p)
+    _add_provider_options_option(p, " (compress: for --verify; budget timings use the defaults)")
     p.add_argument("--max-rel-error", type=parse_tolerance, default=DEFAULT_MAX_REL_ERROR,
                    metavar="E", help="largest relative L2 error allowed on any output, or 'none' "
                                      f"(default: {DEFAULT_MAX_REL_ERROR:g})")
@@ -360,7 +375,7 @@ def _run_verify(args) -> int:
         args.reference, args.candidate, inputs=_inputs_data(args), shapes=parse_shapes(args.shape),
         samples=args.samples, seed=args.seed, int_range=parse_int_range(args.int_range),
         provider=args.provider, max_rel_error=args.max_rel_error, min_top1=args.min_top1,
-        per_layer=args.per_layer,
+        per_layer=args.per_layer, provider_options=args.provider_option or None,
     )
     if args.json:
         write_json(args.json, result.to_dict())
@@ -381,6 +396,7 @@ def _add_bench(sub) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help=".onnx models (the first is the baseline)")
     _add_provider_option(p)
+    _add_provider_options_option(p)
     p.add_argument("--threads", type=int, help="intra-op threads (default: number of cores)")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                    help=f"untimed runs per model (default: {DEFAULT_WARMUP})")
@@ -408,7 +424,8 @@ def _run_bench(args) -> int:
     from onnxlr.proof.verify import write_json
 
     result = bench(
-        args.models, provider=args.provider, threads=args.threads, warmup=args.warmup,
+        args.models, provider=args.provider, provider_options=args.provider_option or None,
+        threads=args.threads, warmup=args.warmup,
         runs=args.runs, shapes=parse_shapes(args.shape), batch=args.batch, seed=args.seed,
         int_range=parse_int_range(args.int_range), host_io=args.host_io, inputs=_inputs_data(args),
     )

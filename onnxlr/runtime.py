@@ -75,10 +75,66 @@ def default_threads() -> int:
 # --- providers and sessions -----------------------------------------------------------------
 
 
-def resolve_provider(name: str) -> list[str]:
-    """``"cpu"|"cuda"|"tensorrt"`` -> the onnxruntime provider list, checked against this build."""
+#: Provider options whose values onnxlr checks (boolean, "0"/"1"; on/off, true/false accepted);
+#: other keys go to onnxruntime as given, which refuses unknown ones when the session starts.
+BOOLEAN_PROVIDER_OPTIONS: dict[str, frozenset[str]] = {
+    "CUDAExecutionProvider": frozenset({"use_tf32", "enable_cuda_graph", "prefer_nhwc",
+                                        "cudnn_conv_use_max_workspace", "do_copy_in_default_stream"}),
+    "TensorrtExecutionProvider": frozenset({"trt_fp16_enable", "trt_int8_enable", "trt_engine_cache_enable"}),
+}
+_BOOLEAN_VALUES = {"1": "1", "on": "1", "true": "1", "yes": "1", "0": "0", "off": "0", "false": "0", "no": "0"}
+
+
+def parse_provider_options(items: Sequence[str] | Mapping[str, object] | None) -> dict[str, str]:
+    """``["use_tf32=0", ...]`` (``--provider-option KEY=VALUE``) or a mapping -> ``{key: value}``,
+    values as strings (onnxruntime's provider options are strings)."""
+    if not items:
+        return {}
+    if isinstance(items, Mapping):
+        pairs = [(str(k), v) for k, v in items.items()]
+    else:
+        pairs = []
+        for item in items:
+            key, eq, value = str(item).partition("=")
+            if not eq or not key.strip() or not value.strip():
+                raise OnnxlrError(f"--provider-option {item!r}: expected KEY=VALUE, e.g. use_tf32=0")
+            if key.strip() in dict(pairs):
+                raise OnnxlrError(f"--provider-option {key.strip()!r} is given twice")
+            pairs.append((key.strip(), value.strip()))
+    return {k: str(int(v) if isinstance(v, bool) else v) for k, v in pairs}
+
+
+def _check_provider_options(wanted: str, name: str, options: Mapping[str, str]) -> dict[str, str]:
+    if wanted == "CPUExecutionProvider":
+        raise OnnxlrError(
+            f"provider options ({', '.join(f'{k}={v}' for k, v in options.items())}) apply to a GPU "
+            f"provider; the CPU provider takes none: drop --provider-option or use --provider cuda"
+        )
+    checked = {}
+    for key, value in options.items():
+        if key in BOOLEAN_PROVIDER_OPTIONS.get(wanted, ()):
+            if value.lower() not in _BOOLEAN_VALUES:
+                raise OnnxlrError(f"provider option {key}={value!r} of {name!r} ({wanted}) is a boolean: "
+                                  f"use 0 or 1 (off/on)")
+            value = _BOOLEAN_VALUES[value.lower()]
+        checked[key] = value
+    return checked
+
+
+def provider_names(providers: Sequence) -> list[str]:
+    """The names in a provider list that may hold ``(name, options)`` entries."""
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def resolve_provider(name: str, options: Mapping[str, object] | Sequence[str] | None = None) -> list:
+    """``"cpu"|"cuda"|"tensorrt"`` -> the onnxruntime provider list, checked against this build.
+
+    ``options`` (e.g. ``{"use_tf32": "0"}``) go to the first provider, the one named: its entry is
+    then ``(provider, options)``, onnxruntime's own form. The CPU provider takes none (an error).
+    """
     import onnxruntime as ort
 
+    options = parse_provider_options(options)
     if name not in PROVIDERS:
         raise OnnxlrError(f"unknown provider {name!r}; choose one of: {', '.join(PROVIDERS)}")
     available = ort.get_available_providers()
@@ -91,7 +147,10 @@ def resolve_provider(name: str) -> list[str]:
             f"{ort.__version__} build; available: {listed}. Install the matching onnxruntime "
             f"package (e.g. onnxruntime-gpu) or pick an available provider"
         )
-    return [p for p in PROVIDERS[name] if p in available]
+    providers: list = [p for p in PROVIDERS[name] if p in available]
+    if options:
+        providers[0] = (wanted, _check_provider_options(wanted, name, options))
+    return providers
 
 
 def session_options(threads: int | None = None, *, verbose: bool = False):
@@ -115,7 +174,8 @@ def make_session(
 ):
     """Open ``model`` in an InferenceSession; every load failure is an ``OnnxlrError``.
 
-    ``providers`` (an already resolved list from :func:`resolve_provider`) skips the check. A
+    ``providers`` (an already resolved list from :func:`resolve_provider`, provider options
+    included) skips the check. A
     session that did not get the first provider asked for (onnxruntime falls back to the next one
     when, say, the CUDA or TensorRT libraries cannot be loaded) is an ``OnnxlrError`` too: a
     silent fallback would report CPU figures as GPU ones.
@@ -123,7 +183,8 @@ def make_session(
     import onnxruntime as ort
 
     providers = providers or resolve_provider(provider)
-    if providers[0] != "CPUExecutionProvider":
+    names = provider_names(providers)
+    if names[0] != "CPUExecutionProvider":
         preload_gpu_libraries()
     label = model_label(model)
     if isinstance(model, onnx.ModelProto):
@@ -147,7 +208,7 @@ def make_session(
         session = ort.InferenceSession(source, sess_options=opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 -- onnxruntime's pybind errors subclass Exception
         raise OnnxlrError(_explain_load_failure(label, exc)) from None
-    check_provider_started(providers[0], session.get_providers())
+    check_provider_started(names[0], session.get_providers())
     return session
 
 

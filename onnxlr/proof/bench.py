@@ -90,6 +90,7 @@ def bench(
     models: Sequence[runtime.ModelLike] | runtime.ModelLike,
     *,
     provider: str = "cpu",
+    provider_options: Mapping[str, str] | Sequence[str] | None = None,
     threads: int | None = None,
     warmup: int = DEFAULT_WARMUP,
     runs: int = DEFAULT_RUNS,
@@ -120,7 +121,7 @@ def bench(
     if threads is not None and threads < 1:
         raise OnnxlrError(f"threads must be at least 1, got {threads}")
     threads = threads or runtime.default_threads()
-    providers = runtime.resolve_provider(provider)
+    providers = runtime.resolve_provider(provider, provider_options)
     labels = [runtime.model_label(m) for m in models]
     sessions = [runtime.make_session(m, providers=providers, threads=threads) for m in models]
 
@@ -165,5 +166,5 @@ def bench(
         runs=runs,
         batch=per_run,
         input_shapes={k: list(v.shape) for k, v in feed.items()},
-        io="host" if host_io or providers[0] == "CPUExecutionProvider" else "device",
+        io="host" if host_io or runtime.provider_names(providers)[0] == "CPUExecutionProvider" else "device",
     )

@@ -97,6 +97,7 @@ def compare_steps(
     seed: int = 0,
     int_range: tuple[int, int] = (0, 100),
     provider: str = "cpu",
+    provider_options: Mapping[str, str] | Sequence[str] | None = None,
     runs: int = DEFAULT_RUNS,
     threads: int | None = None,
     max_rel_error: float | None = DEFAULT_MAX_REL_ERROR,
@@ -108,7 +109,7 @@ def compare_steps(
     with a note, when that fails or no ``quantize`` is given). Raises ``OnnxlrError`` on bad input.
     """
     check = {"inputs": inputs, "shapes": shapes if inputs is None else None, "samples": samples, "seed": seed,
-             "int_range": int_range, "provider": provider}
+             "int_range": int_range, "provider": provider, "provider_options": provider_options}
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="onnxlr-steps-") as tmp:
         quant_report = None
@@ -123,8 +124,8 @@ def compare_steps(
         if int8_original is not None:
             others[INT8_ORIGINAL] = verify(original, int8_original, max_rel_error=None, **check)
             models.append(int8_original)
-        timing = bench(models, provider=provider, runs=runs, threads=threads, shapes=shapes or None, seed=seed,
-                       int_range=int_range)
+        timing = bench(models, provider=provider, provider_options=provider_options, runs=runs, threads=threads,
+                       shapes=shapes or None, seed=seed, int_range=int_range)
     t = timing.models
     rows = [StepRow(ORIGINAL, t[0].model, t[0].median_ms, 1.0, 1.0, 1.0, 0.0, _worst_top1(shipped, same=True))]
     order = [(FACTORIZED, 2, others[FACTORIZED]), (SHIPPED, 1, shipped)]

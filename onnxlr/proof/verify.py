@@ -164,6 +164,7 @@ def verify(
     seed: int = 0,
     int_range: tuple[int, int] = (0, 100),
     provider: str = "cpu",
+    provider_options: Mapping[str, str] | Sequence[str] | None = None,
     max_rel_error: float | None = DEFAULT_MAX_REL_ERROR,
     min_top1: float | None = None,
     per_layer: bool = False,
@@ -174,10 +175,11 @@ def verify(
     ``reference``/``candidate``: paths or ``ModelProto``\\ s. ``inputs``: an .npz path or a dict
     ``name -> array`` with samples stacked on the first axis; without it, ``samples`` seeded random
     draws of each input's shape (``shapes`` overrides, other dynamic dims 1; integers in
-    ``int_range`` = ``[lo, hi)``). Raises ``OnnxlrError`` on bad models, options or data.
+    ``int_range`` = ``[lo, hi)``). ``provider_options`` go to the provider, e.g. ``{"use_tf32": "0"}``
+    on CUDA. Raises ``OnnxlrError`` on bad models, options or data.
     """
     _check_tolerances(max_rel_error, min_top1)
-    providers = runtime.resolve_provider(provider)
+    providers = runtime.resolve_provider(provider, provider_options)
     ref_label, cand_label = runtime.model_label(reference), runtime.model_label(candidate)
     ref_sess = runtime.make_session(reference, providers=providers)
     cand_sess = runtime.make_session(candidate, providers=providers)
