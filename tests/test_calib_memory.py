@@ -110,3 +110,21 @@ def test_reduced_basis_whitening_matches_full_moments(k):
         assert approx <= exact * (1 + (1e-9 if k == n else 1e-3))
         estimate = np.sqrt(np.divide(*reduced.output_error(w, b, q2 @ p2, nb2)))
         assert estimate == pytest.approx(approx, rel=1e-3)
+
+
+def test_a_stacked_npz_is_read_in_chunks_not_whole(tmp_path, monkeypatch):
+    """Calibration memory does not grow with the number of samples: a stacked file is streamed."""
+    from onnxlr import data
+    from onnxlr.data import feeds
+    from onnxlr.runtime import InputSpec
+
+    x = np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32)
+    np.savez(tmp_path / "big.npz", x=x, scale=np.float32(2.0))
+    specs = [InputSpec("x", "tensor(float)", (None, 4), ("batch", None)), InputSpec("scale", "tensor(float)", ())]
+    reads = []
+    real = feeds._Member.read
+    monkeypatch.setattr(feeds._Member, "read", lambda self, rows: reads.append(rows) or real(self, rows))
+    samples = list(data.open_source(tmp_path / "big.npz", specs))
+    assert len(samples) == 300 and max(reads) <= 64 and sum(reads) == 300
+    np.testing.assert_array_equal(np.concatenate([s["x"] for s in samples]), x)
+    assert all(float(s["scale"]) == 2.0 for s in samples)

@@ -63,7 +63,8 @@ def run_point(name: str, stages, folder: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["digits_vgg", "efficientnet-lite0"])
-    parser.add_argument("--stages", nargs="+", default=["1", "2", "4", "8", "all"])
+    parser.add_argument("--stages", nargs="+", default=["1", "2", "4", "8", "all", "default"],
+                        help="pass counts; 'all': one per layer; 'default': what compress chooses")
     parser.add_argument("--out", type=Path, default=None, help="write stages.json here")
     args = parser.parse_args(argv)
     rows = []
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: not fetched (python -m tools.real_models.fetch): skipped")
                 continue
             for stages in args.stages:
-                value = stages if stages == "all" else int(stages)
+                value = None if stages == "default" else stages if stages == "all" else int(stages)
                 row = run_point(name, value, Path(tmp))
                 rows.append(row)
                 print(f"{name} stages={stages}: passes {row['passes']}, rel err {row['rel_error']:.4g}, "

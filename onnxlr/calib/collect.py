@@ -51,7 +51,9 @@ log = logging.getLogger("onnxlr")
 
 MODES = ("asymmetric", "symmetric")
 POSITIONS_PER_SAMPLE = 64  # conv output positions (or MatMul rows) sampled per sample
-ASYMMETRIC_STAGES = 4  # passes over the data in asymmetric mode (at most; "all": one per layer)
+ASYMMETRIC_STAGES = 4  # the fewest passes the default chooses in asymmetric mode
+#: Calibration time the default number of passes aims at (see Calibrator._default_stages).
+CALIB_SECONDS = 300.0
 #: Default bound on the statistics held at once: this fraction of the memory available when
 #: calibration starts (the rest is the model, onnxruntime's two sessions and one chunk of activations).
 MEMORY_FRACTION = 0.5
@@ -240,6 +242,7 @@ class Calibrator:
         self.eligible = [t for t in targets if id(t.node) in main and t.node.input and t.layer is not None]
         self.memory = int(memory) if memory else int(MEMORY_FRACTION * available_memory())
         self.reduced: dict[int, int] = {}  # id(target) -> basis size, for layers in a reduced basis
+        self.stages_reason = ""
         self.unfit: dict[int, str] = {}  # id(target) -> why it is not calibrated
         self.stage_of = self._schedule(stages, whitened or {})
         self.n_stages = max(self.stage_of.values(), default=-1) + 1
@@ -249,18 +252,22 @@ class Calibrator:
         self.seconds = 0.0
 
     def _schedule(self, stages, whitened: dict) -> dict[int, int]:
-        """Stage of every layer, in graph order: a new stage when the statistics would pass the
-        memory bound or the stage holds its share of the layers (len / stages)."""
+        """Stage of every layer, in graph order: layer i of L goes to stage i * S // L for S
+        stages (the even split measured best, see below), and a stage also ends where its
+        statistics would pass the memory bound. Layers too wide for full statistics get a reduced
+        basis (whitened fits) or stay data-free, with the reason."""
         paired = self.mode == "asymmetric"
         count = len(self.eligible)
         if not paired:
-            cap = count
+            n_stages = 1
         elif stages == "all":
-            cap = 1
+            n_stages = count
+        elif stages is None:
+            n_stages = self._default_stages(count)
         else:
-            cap = math.ceil(count / max(1, int(stages or ASYMMETRIC_STAGES)))
-        stage_of, stage, used, in_stage = {}, 0, 0, 0
-        for t in self.eligible:
+            n_stages = min(int(stages), count)
+        stage_of, stage, used = {}, 0, 0
+        for i, t in enumerate(self.eligible):
             n, groups = input_width(t.layer)
             need = fit.moments_nbytes(n, groups, paired)
             if n > WIDE_INPUT or need > self.memory:
@@ -273,18 +280,49 @@ class Calibrator:
                     self.unfit[id(t)] = (f"calib: its statistics need {_size(need)}, over the {_size(self.memory)} bound "
                                          "(--calib-memory); data-free factors kept")
                     continue
-            if in_stage and (used + need > self.memory or in_stage >= cap):
-                stage, used, in_stage = stage + 1, 0, 0
+            wanted = (i * n_stages) // max(count, 1)
+            if wanted > stage or (used and used + need > self.memory):
+                stage, used = max(wanted, stage + 1), 0
             stage_of[id(t)] = stage
             used += need
-            in_stage += 1
         return stage_of
+
+    def _default_stages(self, layers: int) -> int:
+        """One pass per layer (sequential fitting: every layer sees the compression of all the
+        layers before it; measured, EfficientNet-Lite0 auto 0.5: output error 0.33 against 0.51
+        with 4 passes, crop agreement 73% against 63%) when it is expected to take at most
+        CALIB_SECONDS; else the most passes of 16, 8 that fit; at least ASYMMETRIC_STAGES. A pass
+        runs the two models' prefixes up to its layers: about one forward per sample on average."""
+        seconds, samples = self._sample_cost()
+        for n_stages in (layers, 16, 8):
+            if n_stages <= layers and samples * seconds * n_stages <= CALIB_SECONDS:
+                self.stages_reason = (f"{n_stages} passes expected to take {samples * seconds * n_stages:.0f} s "
+                                      f"(one forward: {seconds * 1e3:.3g} ms, {samples} samples)")
+                return n_stages
+        n_stages = min(ASYMMETRIC_STAGES, layers)
+        self.stages_reason = (f"one pass per layer would take about {samples * seconds * layers:.0f} s: {n_stages} "
+                              "passes (--calib-stages all to insist)")
+        return n_stages
+
+    def _sample_cost(self) -> tuple[float, int]:
+        """(seconds of one forward of one sample, samples calibration will read)."""
+        samples, first = 0, None
+        for sample in data.limited(self.source, self.samples):
+            first = first if first is not None else sample
+            samples += 1
+        if first is None:
+            raise OnnxlrError(f"--calib {self.source.label}: no samples")
+        session = make_session(self.original)
+        session.run(None, first)
+        started = time.perf_counter()
+        session.run(None, first)
+        return time.perf_counter() - started, samples
 
     def summary(self) -> str:
         masked = f", padding rows left out by input {self.mask_input!r}" if self.mask_input else ""
         reduced = f", {len(self.reduced)} wide layer(s) in a reduced basis" if self.reduced else ""
         return (f"calibrated ({self.mode}) on {self.total} samples of {self.source.label} in {len(self.done_stages)} "
-                f"pass(es), {self.seconds:.1f} s, statistics bound {_size(self.memory)}{reduced}{masked}")
+                f"pass(es){f' ({self.stages_reason})' if self.stages_reason else ''}, {self.seconds:.1f} s, statistics bound {_size(self.memory)}{reduced}{masked}")
 
     # --- statistics -----------------------------------------------------------------------
 

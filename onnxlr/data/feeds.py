@@ -225,17 +225,76 @@ def npz_files(path: str | os.PathLike, what: str = "data") -> list[Path]:
     return [path]
 
 
+_WARNED: set = set()  # files whose extra arrays were reported: once per process, not once per pass
+
+
 def _read_npz(path: Path, specs, what: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
-            names = set(npz.files)
-            extra = sorted(names - {s.name for s in specs})
-            if extra:
-                log.warning("ignoring arrays %s in %s: the model has no such inputs", extra, path)
+            _warn_extra(path, npz.files, specs)
             return {k: npz[k] for k in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         raise OnnxlrError(f"{what} {path} is not a readable .npz file; save the arrays with numpy.savez, "
                           "keyed by input name") from None
+
+
+def _warn_extra(path: Path, names, specs) -> None:
+    extra = sorted(set(names) - {s.name for s in specs})
+    if extra and path not in _WARNED:
+        _WARNED.add(path)
+        log.warning("ignoring arrays %s in %s: the model has no such inputs", extra, path)
+
+
+class _Member:
+    """Reads an .npy member of an .npz sequentially, ``rows`` entries of axis 0 at a time."""
+
+    def __init__(self, archive: zipfile.ZipFile, member: str):
+        self.stream = archive.open(member)
+        major, _ = np.lib.format.read_magic(self.stream)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        self.shape, fortran, self.dtype = read_header(self.stream)
+        self.streamable = bool(self.shape) and not fortran and not self.dtype.hasobject
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self, rows: int) -> np.ndarray:
+        data = self.stream.read(rows * self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape((-1,) + tuple(self.shape[1:]))
+
+
+def _stream_npz(path: Path, specs, what: str, rows: int = 64) -> Iterator[dict] | None:
+    """The samples of a stacked .npz whose batch axes are all axis 0, read ``rows`` at a time, so
+    memory does not grow with the file; None when the file needs reading whole (another batch
+    axis, a file that is one feed, Fortran order)."""
+    axes = batch_axes(specs)
+    try:
+        archive = zipfile.ZipFile(path)
+        members = {m[:-4]: m for m in archive.namelist() if m.endswith(".npy")}
+        _warn_extra(path, members, specs)
+        if any(s.name not in members for s in specs):
+            return None
+        readers = {s.name: _Member(archive, members[s.name]) for s in specs if axes[s.name] == 0}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    counts = {r.shape[0] for r in readers.values()}
+    if not readers or len(counts) != 1 or not all(r.streamable for r in readers.values()) or any(
+            axes[s.name] not in (0, None) for s in specs):
+        archive.close()
+        return None
+    whole = {}
+    with np.load(path, allow_pickle=False) as npz:
+        whole = {s.name: npz[s.name] for s in specs if axes[s.name] is None}
+
+    def samples() -> Iterator[dict]:
+        with archive:
+            left = counts.pop()
+            while left > 0:
+                take = min(rows, left)
+                chunk = {name: reader.read(take) for name, reader in readers.items()}
+                chunk.update(whole)
+                left -= take
+                yield from split_samples(chunk, specs, f"{what} {path}")
+
+    return samples()
 
 
 def npz_source(path: str | os.PathLike, specs: Sequence[InputSpec], what: str = "data") -> Source:
@@ -244,7 +303,11 @@ def npz_source(path: str | os.PathLike, specs: Sequence[InputSpec], what: str = 
 
     def samples() -> Iterator[dict]:
         for f in files:
-            yield from split_samples(_read_npz(f, specs, what), specs, f"{what} {f}")
+            streamed = _stream_npz(f, specs, what)
+            if streamed is not None:
+                yield from streamed
+            else:
+                yield from split_samples(_read_npz(f, specs, what), specs, f"{what} {f}")
 
     return Source(str(path), samples)
 
