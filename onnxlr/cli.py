@@ -195,6 +195,15 @@ def _add_budget_options(p, goals: bool = True) -> None:
                             "(random inputs without it) is at most E")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="per-layer latency cache (default: $ONNXLR_CACHE_DIR or ~/.cache/onnxlr)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="intra-op threads the model will run with: every timing of the plan uses them "
+                        "(default: $ONNXLR_BENCH_THREADS or the number of cores)")
+    p.add_argument("--damage", choices=("auto", "full", "sensitivity"), default="auto",
+                   help="with --calib, how a candidate's damage is found: full (one model pass per "
+                        "candidate), sensitivity (its layer-output error times the layer's sensitivity, "
+                        "one pass per layer), auto (full when it fits the time, the default)")
+    p.add_argument("--plan-time", type=float, default=None, metavar="SECONDS",
+                   help="bound on the damage phase: cheaper estimators take over when it would be passed")
 
 
 def _compress_config(args):
@@ -209,7 +218,8 @@ def _compress_config(args):
         fields["rules"] = load_rules(args.config)
     if args.rank is not None:
         fields["rank"] = args.rank
-    for name in ("target_speedup", "target_macs", "max_error", "cache_dir", "provider"):
+    for name in ("target_speedup", "target_macs", "max_error", "cache_dir", "provider", "threads", "damage",
+                 "plan_time"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "quantize", None) is not None:
@@ -461,7 +471,8 @@ def _run_sweep(args) -> int:
     from onnxlr.config import CompressConfig
     from onnxlr.model import write_text_atomic
 
-    fields = {**_selection_fields(args), "provider": args.provider, "cache_dir": args.cache_dir}
+    fields = {**_selection_fields(args), "provider": args.provider, "cache_dir": args.cache_dir,
+              "threads": args.threads, "damage": args.damage, "plan_time": args.plan_time}
     targets = parse_floats(args.targets, "--targets")
     uniform = () if str(args.uniform).strip().lower() == "none" else parse_floats(args.uniform, "--uniform")
     result = sweep(args.model, targets, uniform=uniform, config=CompressConfig(**fields))

@@ -16,9 +16,11 @@ model within E.
 3. **Damage** of a candidate, d:
    * with calibration data: the squared relative output error of the model with that one layer
      replaced (factors refined on the data by :mod:`onnxlr.calibrate`, symmetric statistics) on
-     :data:`DAMAGE_SAMPLES` calibration samples held out from the refinement (see
-     :func:`_load_data`): one onnxruntime pass per candidate. For an output made by a Softmax
-     the error is that of its input, the logits (:data:`ERROR_ON_LOGITS`);
+     :data:`DAMAGE_SAMPLES` calibration samples held out from the refinement: measured by one
+     onnxruntime pass per candidate, or estimated from the candidate's layer-output error times
+     the layer's sensitivity (one pass per layer), as the time allows (:mod:`onnxlr.budget.damage`).
+     For an output made by a Softmax the error is that of its input, the logits
+     (:data:`ERROR_ON_LOGITS`);
    * without data: the squared relative weight error ``||W - W_r||^2 / ||W||^2`` (normalized per
      layer; every layer is taken as equally sensitive).
    Candidates with d > :data:`MAX_LAYER_DAMAGE` are dropped (a layer whose every candidate is too
@@ -39,6 +41,10 @@ model within E.
    ``alpha`` is recalibrated and the allocation redone, at most :data:`MAX_ROUNDS` rounds; of the
    allocations measured at or above the target, the one with the least output error is returned.
    For ``max_error`` the error scale is recalibrated the same way.
+7. **Final re-time.** The model returned is timed once more against the original, interleaved
+   (:data:`FINAL_BUDGET_S`): its median ratio with the p10-p90 spread is the measured speedup the
+   report states. Every timing records its conditions and is re-measured once when the machine
+   was contended (:mod:`onnxlr.budget.timing`); a contention that persists is a warning.
 """
 
 from __future__ import annotations
@@ -54,14 +60,21 @@ import onnx
 
 from onnxlr import data, methods, runtime
 from onnxlr import model as g
-from onnxlr.budget import latency
+from onnxlr.budget import latency, timing
+from onnxlr.budget.outputs import (  # noqa: F401  (public here too: sweep, tools and tests use them)
+    ERROR_ON_LOGITS,
+    build_model,
+    output_error,
+    run_outputs,
+    scored_outputs,
+    softmax_logits,
+)
 from onnxlr.decisions import Decision
 from onnxlr.errors import OnnxlrError
 from onnxlr.layers import ConvLayer, Replacement, conv_macs, linear_macs
 from onnxlr.methods.linalg import single_threaded_blas
 from onnxlr.model.opset import default_opset
-from onnxlr.model.splice import read_bias, splice
-from onnxlr.model.targets import Target, find_targets, layer_macs
+from onnxlr.model.targets import Target, layer_macs
 from onnxlr.ranks import RankSpec
 from onnxlr.report.compress import format_ranks
 from onnxlr.report.progress import Progress
@@ -76,9 +89,9 @@ CHECK_SAMPLES = 32
 MAX_ROUNDS = 4
 PREDICTION_TOLERANCE = 0.15  # a final check within 15% of the prediction ends the rounds
 MODEL_BUDGET_S = 5.0  # seconds of interleaved timing per end-to-end check
-# A Softmax output saturates: errors in the logits of confident positions vanish from the
-# probabilities. Damages and output errors are measured on its input (the logits) instead.
-ERROR_ON_LOGITS = True
+FINAL_BUDGET_S = 8.0  # seconds of the final interleaved re-time
+MIN_CHECK_RUNS = 20  # interleaved rounds of an end-to-end check at least, unless the model is slow:
+SLOW_CHECK_RUNS = 5  # then about the budget's seconds, at least this many
 
 
 @dataclass
@@ -92,6 +105,7 @@ class Candidate:
     ms: float | None = None
     damage: float | None = None
     dropped: str | None = None
+    layer_error: float | None = None  # relative layer-output error on held-out moments, after refinement
 
     def label(self) -> str:
         return f"{self.method} {self.fraction:g} ({format_ranks(self.ranks)})"
@@ -107,6 +121,7 @@ class LayerPlan:
     ms: float | None = None
     candidates: list[Candidate] = field(default_factory=list)
     kept: str | None = None  # why no candidate is usable
+    sensitivity: float | None = None  # d_model / e_layer^2 (sensitivity damage estimator)
 
     def usable(self) -> list[Candidate]:
         return [c for c in self.candidates if c.dropped is None]
@@ -130,6 +145,10 @@ class Plan:
     seconds: dict = field(default_factory=dict)
     check_samples: int = 0  # samples in check_feeds
     logits: dict = field(default_factory=dict)  # Softmax inputs errors are measured on (name -> dtype)
+    threads: int = 1  # intra-op threads every timing uses (the threads the model will run with)
+    damage: dict = field(default_factory=dict)  # the damage estimator's record (onnxlr.budget.damage)
+    timings: dict = field(default_factory=dict)  # conditions of the timings (onnxlr.budget.timing)
+    calib_samples: int | None = None
 
 
 @dataclass
@@ -143,6 +162,7 @@ class Allocation:
     measured_error: float | None = None
     rounds: list = field(default_factory=list)
     reached: bool = True
+    timing: dict | None = None  # the figure's spread and conditions (see measure_timed)
 
     def summary(self) -> dict:
         return {
@@ -153,6 +173,7 @@ class Allocation:
             "measured_error": self.measured_error,
             "macs": self.macs,
             "rounds": self.rounds,
+            "timing": self.timing,
         }
 
 
@@ -177,62 +198,6 @@ def check_samples(model: onnx.ModelProto, calib, limit: int, calib_samples: int 
     return samples
 
 
-def run_outputs(model: bytes | onnx.ModelProto, feeds: list, extra: dict | None = None) -> list[np.ndarray]:
-    """Every graph output (then the ``extra`` tensors, name -> dtype) over all ``feeds``,
-    concatenated."""
-    if extra:
-        m = onnx.load_from_string(model if isinstance(model, bytes) else model.SerializeToString())
-        model = g.expose_outputs(m, extra)
-    session = runtime.make_session(model)
-    names = [o.name for o in session.get_outputs()]
-    parts: list[list[np.ndarray]] = [[] for _ in names]
-    for feed in feeds:
-        for i, out in enumerate(session.run(names, feed)):
-            parts[i].append(np.asarray(out))
-    outs = []
-    for p in parts:
-        try:
-            outs.append(np.concatenate(p) if p[0].ndim else p[0])
-        except ValueError:
-            outs.append(np.concatenate([x.ravel() for x in p]))
-    return outs
-
-
-def softmax_logits(model: onnx.ModelProto) -> dict:
-    """{Softmax input name: dtype} for every graph output made by a Softmax (through Identity
-    nodes), when :data:`ERROR_ON_LOGITS`; else {}."""
-    if not ERROR_ON_LOGITS:
-        return {}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    found = {}
-    for out in model.graph.output:
-        node = producer.get(out.name)
-        while node is not None and node.op_type == "Identity":
-            node = producer.get(node.input[0])
-        if node is not None and node.op_type == "Softmax":
-            found[node.input[0]] = out.type.tensor_type.elem_type or onnx.TensorProto.FLOAT
-    return found
-
-
-def scored_outputs(plan: Plan, model: bytes | onnx.ModelProto, feeds: list) -> list[np.ndarray]:
-    """The outputs errors are measured on: the graph outputs, or the logits of Softmax outputs."""
-    if not plan.logits:
-        return run_outputs(model, feeds)
-    return run_outputs(model, feeds, plan.logits)[-len(plan.logits):]
-
-
-def output_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    """Relative L2 error over all float outputs together."""
-    num = den = 0.0
-    for a, b in zip(reference, candidate):
-        if not np.issubdtype(a.dtype, np.floating):
-            continue
-        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-        num += float(np.sum((a64 - b64) ** 2))
-        den += float(np.sum(a64**2))
-    return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
-
-
 def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fractions=None,
                extra_fractions=(), cache_dir=None) -> Plan:
     """Candidates, their measured latencies and damages for every selectable target of ``work``.
@@ -242,12 +207,12 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
     started = time.perf_counter()
     fractions = tuple(fractions or FRACTIONS)
     provider = getattr(config, "provider", "cpu") or "cpu"
+    threads = latency.bench_threads(getattr(config, "threads", None))
     base = work.SerializeToString()
     data_aware = config.calib is not None
     samples = check_samples(work, config.calib, CHECK_SAMPLES, getattr(config, "calib_samples", None))
     specs = data.model_input_specs(work)
     check, feed, n_check = list(data.batches(samples, specs)), samples[0], len(samples)
-    damage = list(data.batches(samples[:DAMAGE_SAMPLES], specs))
     shapes = g.infer_shapes(work)
     opset = default_opset(work)
     todo = [(i, t) for i, t in enumerate(targets) if t.skip is None and t.layer is not None]
@@ -310,12 +275,15 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
     cache = latency.LatencyCache(cache_dir)
     progress = Progress("budget: timing layers", len(layers), unit="layers")
     by_index = dict(todo)
+    layer_conditions: list = []
     for k, lp in enumerate(layers):
         if lp.kept is not None:
             continue
         cands = lp.candidates
         t0, ms = latency.time_layer(by_index[lp.index], lp.input_shape, shapes, [c.replacement for c in cands],
-                                    opset, work.ir_version, provider, cache)
+                                    opset, work.ir_version, provider, cache, threads, conds := [])
+        if conds:
+            layer_conditions.append(conds)
         lp.ms = t0
         for c, m in zip(cands, ms):
             c.ms = m
@@ -329,23 +297,30 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
     log.info("budget: latency cache %s: %d hits, %d measured", cache.path, cache.hits, cache.misses)
     time_t = time.perf_counter()
 
-    model_ms = latency.time_models([onnx.load_from_string(base)], feed, provider, budget_s=1.0)[0]
+    model_conditions: list = []
+    model_ms = latency.time_models([onnx.load_from_string(base)], feed, provider, threads, budget_s=1.0,
+                                   conditions=model_conditions, label="model")[0]
     layer_sum = sum(lp.ms or 0 for lp in layers)
     alpha = float(np.clip(model_ms / layer_sum, 0.5, 3.0)) if layer_sum > 0 else 1.0
     plan = Plan(base, layers, provider, model_ms, total_macs, data_aware, check, feed, [],
-                alpha=alpha, check_samples=n_check, logits=softmax_logits(work))
+                alpha=alpha, check_samples=n_check, logits=softmax_logits(work), threads=threads)
+    plan.timings = {"layers": _layer_timing_summary(layer_conditions), "model": timing.summary(model_conditions)}
     if plan.logits:
         log.info("budget: output errors on the logits of the Softmax output(s) %s", ", ".join(plan.logits))
     plan.reference_outputs = scored_outputs(plan, base, check)
     log.info("budget: model %.3f ms, factorizable layers alone %.3f ms, alpha %.2f", model_ms, layer_sum, alpha)
 
     # 3. damage
+    damage_t = time.perf_counter()
     if data_aware:
-        _data_damage(plan, work, todo, config, damage)
+        from onnxlr.budget import damage
+
+        plan.damage = damage.score(plan, work, todo, config, samples[:DAMAGE_SAMPLES], specs)
     else:
         for lp in layers:
             for c in lp.usable():
                 c.damage = c.weight_error**2
+        plan.damage = {"estimator": "weight-error", "reason": "no calibration data"}
     for lp in layers:
         for c in lp.usable():
             if c.damage > MAX_LAYER_DAMAGE:
@@ -353,8 +328,26 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
         if lp.kept is None and not lp.usable():
             lp.kept = "every faster candidate is too damaging"
     plan.seconds = {"candidates": plan_t - started, "latency": time_t - plan_t,
-                    "damage": time.perf_counter() - time_t, "total": time.perf_counter() - started}
+                    "model_timing": damage_t - time_t, "damage": time.perf_counter() - damage_t,
+                    "total": time.perf_counter() - started}
     return plan
+
+
+def _layer_timing_summary(groups: list) -> dict:
+    """The layer timings' conditions in a few figures (``groups``: per timed layer, the conditions
+    of each attempt): timed layers, how many were contended and re-measured, how many stayed
+    contended, the worst run-queue wait and load seen."""
+    if not groups:
+        return {"layers": 0, "note": "every layer time came from the cache"}
+    flat = [c for g in groups for c in g]
+    waits = [c.wait_s / c.wall_s for c in flat if c.wait_s is not None and c.wall_s > 0]
+    return {"layers": len(groups), "remeasured": sum(len(g) > 1 for g in groups),
+            "still_contended": sum(g[-1].contended for g in groups),
+            "reasons": sorted({r.split(" ")[0] for g in groups for r in g[-1].reasons}),
+            "threads": flat[0].threads, "cores": flat[0].cores,
+            "max_wait": max(waits) if waits else None,
+            "max_load": max(max(c.load_before, c.load_after) for c in flat),
+            "wall_s": sum(c.wall_s for c in flat), "cpu_s": sum(c.cpu_s for c in flat)}
 
 
 def _layer_macs_only(t: Target) -> int | None:
@@ -363,75 +356,54 @@ def _layer_macs_only(t: Target) -> int | None:
     return linear_macs([t.layer.weight], t.rows)
 
 
-def _data_damage(plan: Plan, work, todo, config, damage_feeds) -> None:
-    """Refine every candidate on the calibration samples that are not held out (symmetric
-    statistics), then d = relative output error^2, on held-out samples, of the model with that
-    one layer replaced."""
-    from onnxlr.calib.collect import Calibrator, refine_replacement
-
-    with single_threaded_blas():
-        calibrator = Calibrator(work, [t for _, t in todo], config.calib, getattr(config, "calib_samples", None),
-                                "symmetric", getattr(config, "calib_mask", "auto"), merge_held=False,
-                                memory=getattr(config, "calib_memory", None))
-        by_index = dict(todo)
-        reference = scored_outputs(plan, plan.base, damage_feeds)
-        n = sum(len(lp.usable()) for lp in plan.layers)
-        progress = Progress("budget: damage on calibration data", n, unit="candidates")
-        done = 0
-        for lp in plan.layers:
-            # refine every candidate a model may use (uniform sweeps too), score the usable ones
-            refinable = [c for c in lp.candidates if c.dropped != "does not reduce MACs"]
-            if lp.kept is not None and "not timed" in lp.kept or not refinable:
-                continue
-            t = by_index[lp.index]
-            stats = calibrator.plan_for(t)
-            bias, fit_bias = read_bias(t)
-            for c in refinable:
-                if stats is not None:
-                    c.replacement, _ = refine_replacement(t.layer, bias, fit_bias, c.replacement, stats.fit,
-                                                          stats.held, merge_held=False)
-                if c.dropped is not None:
-                    continue
-                model = build_model(plan, {lp.index: c})
-                c.damage = output_error(reference, scored_outputs(plan, model, damage_feeds)) ** 2
-                done += 1
-                progress.update(done, lp.name)
-            calibrator.release(t)
-        progress.close()
-        plan.calib_samples = calibrator.total
-
-
 # --- building and measuring -----------------------------------------------------------------
-
-
-def build_model(plan: Plan, choice: dict) -> onnx.ModelProto:
-    """The prepared model with the chosen layers replaced."""
-    model = onnx.load_from_string(plan.base)
-    targets = find_targets(model, {})
-    names = g.NameScope(g.all_names(model))
-    opset = default_opset(model)
-    for index, cand in choice.items():
-        t = targets[index]
-        splice(t, cand.replacement, names, opset, model.ir_version)
-    return model
 
 
 def measure(plan: Plan, model: onnx.ModelProto, budget_s: float = MODEL_BUDGET_S) -> tuple[float, float]:
     """(measured speedup: median of per-round ratios, relative output error on the check data)."""
+    timed = measure_timed(plan, model, budget_s)
+    error = output_error(plan.reference_outputs, scored_outputs(plan, model, plan.check_feeds))
+    return timed["speedup"], error
+
+
+def measure_timed(plan: Plan, model: onnx.ModelProto, budget_s: float = MODEL_BUDGET_S, label: str = "check",
+                  progress: Progress | None = None) -> dict:
+    """The original and ``model`` timed interleaved on ``plan.threads`` threads (at least 20
+    rounds, about ``budget_s`` seconds); once more when the machine was contended
+    (:func:`onnxlr.budget.timing.timed`). {"speedup": median per-round ratio, "p10", "p90",
+    "runs", "original_ms", "model_ms", "conditions": ...}."""
     base = onnx.load_from_string(plan.base)
     providers = runtime.resolve_provider(plan.provider)
-    sessions = [runtime.make_session(m, providers=providers, threads=latency.bench_threads()) for m in (base, model)]
+    sessions = [runtime.make_session(m, providers=providers, threads=plan.threads) for m in (base, model)]
     for s in sessions:
         s.run(None, plan.timing_feed)
     t0 = time.perf_counter()
     for s in sessions:
         s.run(None, plan.timing_feed)
-    runs = int(np.clip(budget_s / max(time.perf_counter() - t0, 1e-6), 20, 400))
-    times = runtime.interleaved([runtime.timed_runner(s, plan.timing_feed) for s in sessions], 5, runs)
-    del sessions
-    speedup = float(np.median(times[0] / times[1]))
-    error = output_error(plan.reference_outputs, scored_outputs(plan, model, plan.check_feeds))
-    return speedup, error
+    one_round = max(time.perf_counter() - t0, 1e-6)
+    runs, warmup = int(np.clip(budget_s / one_round, MIN_CHECK_RUNS, 400)), 5
+    if one_round * runs > 2 * budget_s:  # a slow model: fewer rounds, the runs above were the warm-up
+        runs, warmup = max(SLOW_CHECK_RUNS, int(budget_s / one_round)), 0
+    runners = [runtime.timed_runner(s, plan.timing_feed) for s in sessions]
+    attempt = [0]
+
+    def run():
+        attempt[0] += 1
+        if progress is not None:
+            progress.total = runs * attempt[0]
+        done0 = runs * (attempt[0] - 1)
+        times = timing.interleaved(runners, warmup if attempt[0] == 1 else 0, runs,
+                                   None if progress is None else (lambda d: progress.update(done0 + d, label)))
+        return times, times[0] / times[1]
+
+    times, attempts = timing.timed(run, label, plan.threads)
+    runners.clear()
+    sessions.clear()  # one set of sessions alive at a time (spinning threads, memory)
+    ratio = times[0] / times[1]
+    p10, p90 = np.percentile(ratio, [10, 90])
+    return {"speedup": float(np.median(ratio)), "p10": float(p10), "p90": float(p90), "runs": runs,
+            "original_ms": float(np.median(times[0]) * 1e3), "model_ms": float(np.median(times[1]) * 1e3),
+            "conditions": timing.summary(attempts)}
 
 
 # --- allocation -----------------------------------------------------------------------------
@@ -528,16 +500,24 @@ def solve(plan: Plan, *, target_speedup=None, target_macs=None, max_error=None, 
         raise OnnxlrError("give exactly one of --target-speedup, --target-macs, --max-error")
     history: list = []
     best = fallback = None
+    progress = Progress("budget: allocation and checks", rounds, unit="rounds")
     for r in range(rounds):
         alloc = allocate(plan, target_speedup=target_speedup, target_macs=target_macs, max_error=max_error)
         if not check:
             return alloc
-        speedup, error = measure(plan, build_model(plan, alloc.choice))
+        model = build_model(plan, alloc.choice)
+        alloc.timing = measure_timed(plan, model)
+        speedup = alloc.timing["speedup"]
+        error = output_error(plan.reference_outputs, scored_outputs(plan, model, plan.check_feeds))
+        del model
         alloc.measured_speedup, alloc.measured_error = speedup, error
+        progress.update(r + 1, f"round {r + 1}: {speedup:.2f}x")
+        cond = alloc.timing["conditions"]
         history.append({"round": r + 1, "alpha": plan.alpha, "error_scale": plan.error_scale,
                         "layers": len(alloc.choice), "predicted_speedup": alloc.predicted_speedup,
-                        "measured_speedup": speedup, "predicted_error": alloc.predicted_error,
-                        "measured_error": error})
+                        "measured_speedup": speedup, "p10": alloc.timing["p10"], "p90": alloc.timing["p90"],
+                        "contended": cond["contended"], "remeasured": cond["remeasured"],
+                        "predicted_error": alloc.predicted_error, "measured_error": error})
         log.info("budget round %d: %d layers, predicted %.3fx measured %.3fx, error %.4g (predicted %.4g)",
                  r + 1, len(alloc.choice), alloc.predicted_speedup, speedup, error, alloc.predicted_error)
         if target_macs is not None:  # MACs are exact: nothing to recalibrate
@@ -570,6 +550,7 @@ def solve(plan: Plan, *, target_speedup=None, target_macs=None, max_error=None, 
             if fallback is None or error < fallback.measured_error:
                 fallback = alloc
             plan.error_scale *= float(np.clip(error / max(alloc.predicted_error, 1e-12), 1.05, 20))
+    progress.close()
     best = best or fallback or alloc
     best.reached = best.reached and (
         (target_speedup is None or best.measured_speedup >= target_speedup)
@@ -582,13 +563,25 @@ def solve(plan: Plan, *, target_speedup=None, target_macs=None, max_error=None, 
 
 
 def plan_decisions(work: onnx.ModelProto, targets: list[Target], config, report) -> list[Decision]:
-    """Choose per layer (build_plan + solve) and return the decisions of the measured allocation:
-    each carries the finished (refined) replacement that was timed and scored, so the model the
-    pipeline writes is the model the budget measured. Layers kept get their reason in
-    ``target.skip``; the report gets the goal, the prediction and the measurements."""
+    """Choose per layer (build_plan + solve + a final re-time) and return the decisions of the
+    measured allocation: each carries the finished (refined) replacement that was timed and
+    scored, so the model the pipeline writes is the model the budget measured. Layers kept get
+    their reason in ``target.skip``; the report gets the goal, the prediction, the measurements
+    with their conditions, the damage estimator and each phase's seconds."""
     plan = build_plan(work, targets, config, cache_dir=getattr(config, "cache_dir", None))
+    t0 = time.perf_counter()
     alloc = solve(plan, target_speedup=config.target_speedup, target_macs=config.target_macs,
                   max_error=config.max_error)
+    t1 = time.perf_counter()
+    check_speedup = alloc.measured_speedup
+    progress = Progress("budget: final re-time", None, unit="rounds")
+    final = measure_timed(plan, build_model(plan, alloc.choice), FINAL_BUDGET_S, "final", progress)
+    progress.close()
+    alloc.measured_speedup, alloc.timing = final["speedup"], final
+    if config.target_speedup is not None:
+        alloc.reached = final["speedup"] >= config.target_speedup
+    plan.seconds.update(allocation=t1 - t0, final_check=time.perf_counter() - t1)
+    plan.seconds["total"] = sum(v for k, v in plan.seconds.items() if k != "total")
     decisions, chosen = [], []
     for lp in plan.layers:
         t = targets[lp.index]
@@ -605,17 +598,43 @@ def plan_decisions(work: onnx.ModelProto, targets: list[Target], config, report)
             f"max error {config.max_error:g}")
     where = (f"{plan.check_samples} held-out calibration samples (every {data.HOLDOUT_EVERY}th)" if plan.data_aware
              else f"{plan.check_samples} random samples")
+    estimator = plan.damage.get("estimator", "?")
+    cond = final["conditions"]
     report.model_notes.append(
-        f"budget ({goal}, {'data-aware' if plan.data_aware else 'data-free'} damage, {plan.provider}): "
-        f"{len(alloc.choice)} of {len(plan.layers)} layers factorized; predicted speedup "
-        f"{alloc.predicted_speedup:.2f}x, measured {alloc.measured_speedup:.2f}x; output error "
-        f"{alloc.measured_error:.4g} on {where}; plan {plan.seconds.get('total', 0):.0f} s")
+        f"budget ({goal}, {'data-aware' if plan.data_aware else 'data-free'} damage by {estimator}, "
+        f"{plan.provider}, {plan.threads} threads): {len(alloc.choice)} of {len(plan.layers)} layers factorized; "
+        f"predicted speedup {alloc.predicted_speedup:.2f}x, measured {final['speedup']:.2f}x "
+        f"(p10-p90 {final['p10']:.2f}-{final['p90']:.2f}, {final['runs']} interleaved rounds; "
+        f"{timing.Conditions(**{k: v for k, v in cond.items() if k not in ('remeasured', 'first')}).describe()}); "
+        f"output error {alloc.measured_error:.4g} on {where}; plan {plan.seconds['total']:.0f} s")
     if not alloc.reached:
-        report.warnings.append(f"budget: the {goal} was not reached (measured {alloc.measured_speedup:.2f}x)")
-    report.budget = {"goal": goal, **alloc.summary(), "chosen": chosen, "plan_seconds": plan.seconds,
+        report.warnings.append(f"budget: the {goal} was not reached (measured {alloc.measured_speedup:.2f}x, "
+                               f"p10-p90 {final['p10']:.2f}-{final['p90']:.2f})")
+    report.warnings.extend(_contention_warnings(plan, final))
+    report.budget = {"goal": goal, **alloc.summary(), "check_speedup": check_speedup,
+                     "chosen": chosen, "plan_seconds": plan.seconds, "threads": plan.threads,
+                     "damage": plan.damage, "timings": plan.timings,
                      "model_ms": plan.model_ms,
                      "alpha": plan.alpha, "check_samples": plan.check_samples,
                      "held_out_every": data.HOLDOUT_EVERY if plan.data_aware else None,
                      "calib_samples": plan.calib_samples if plan.data_aware else None,
                      "error_on": sorted(plan.logits) or "outputs"}
     return decisions
+
+
+def _contention_warnings(plan: Plan, final: dict) -> list[str]:
+    """One line per kind of timing that stayed contended after its re-measurement."""
+    out = []
+    cond = final["conditions"]
+    if cond["contended"]:
+        out.append(f"budget: the machine was busy during the final re-time, also when re-measured "
+                   f"({'; '.join(cond['reasons'])}): the measured speedup may differ on an idle machine")
+    layers = plan.timings.get("layers", {})
+    if layers.get("still_contended"):
+        out.append(f"budget: {layers['still_contended']} of {layers['layers']} layer timings stayed contended "
+                   f"after re-measuring (max load {layers['max_load']:.2f} on {layers['cores']} cores): the "
+                   "plan's per-layer savings may be off")
+    model = plan.timings.get("model", {})
+    if model.get("contended"):
+        out.append(f"budget: the model timing stayed contended ({'; '.join(model['reasons'])})")
+    return out

@@ -36,9 +36,10 @@ from onnx import helper
 
 from onnxlr import model as g
 from onnxlr import runtime
+from onnxlr.budget import timing
+from onnxlr.layers import Replacement
 from onnxlr.model.opset import default_opset
 from onnxlr.model.splice import splice
-from onnxlr.layers import Replacement
 from onnxlr.model.targets import Target, find_targets
 
 log = logging.getLogger("onnxlr")
@@ -46,13 +47,20 @@ log = logging.getLogger("onnxlr")
 #: Seconds of timed rounds per layer (all its candidates together); bounds on the round count.
 LAYER_BUDGET_S = 0.4
 MIN_RUNS, MAX_RUNS = 15, 300
+#: A timed loop that would take longer than this at MIN_RUNS (layers of a big model at full
+#: resolution: 0.3 s per run) takes fewer rounds, at least SLOW_MIN_RUNS, and is not re-measured
+#: when contended (that would double the plan's longest phase): its conditions go to the report.
+SLOW_LOOP_S, SLOW_MIN_RUNS = 8.0, 5
 WARMUP = 5
 
 
-def bench_threads() -> int:
-    """Intra-op threads for every timing: ``ONNXLR_BENCH_THREADS`` or all cores. On a shared,
+def bench_threads(threads: int | None = None) -> int:
+    """Intra-op threads for every timing: ``threads`` (``--threads``: the plan is made for the
+    threads the model will run with), else ``ONNXLR_BENCH_THREADS``, else all cores. On a shared,
     overloaded machine one thread gives far steadier ratios (no barrier waits on a descheduled
     worker thread)."""
+    if threads:
+        return int(threads)
     value = os.environ.get("ONNXLR_BENCH_THREADS")
     return int(value) if value else runtime.default_threads()
 
@@ -159,10 +167,12 @@ def candidate_model(reference: onnx.ModelProto, replacement: Replacement) -> onn
 
 def time_models(models: Sequence[onnx.ModelProto], feed: dict, provider: str = "cpu",
                 threads: int | None = None, budget_s: float = LAYER_BUDGET_S,
-                runs: int | None = None) -> list[float]:
-    """Median ms of each model, timed interleaved on ``feed``."""
+                runs: int | None = None, conditions: list | None = None, label: str = "layer") -> list[float]:
+    """Median ms of each model, timed interleaved on ``feed``. The timed loop runs under
+    :func:`onnxlr.budget.timing.timed` (once more when contended); ``conditions``, when given, gets
+    the :class:`~onnxlr.budget.timing.Conditions` of every attempt."""
     providers = runtime.resolve_provider(provider)
-    threads = threads or bench_threads()
+    threads = bench_threads(threads)
     sessions = [runtime.make_session(m, providers=providers, threads=threads) for m in models]
     for s in sessions:
         s.run(None, feed)
@@ -172,15 +182,31 @@ def time_models(models: Sequence[onnx.ModelProto], feed: dict, provider: str = "
             s.run(None, feed)
         one_round = max(time.perf_counter() - t0, 1e-6)
         runs = int(np.clip(budget_s / one_round, MIN_RUNS, MAX_RUNS))
-    times = runtime.interleaved([runtime.timed_runner(s, feed) for s in sessions], WARMUP, runs)
+        if one_round * runs > SLOW_LOOP_S:
+            # slow: the two runs per session above were the warm-up
+            runs, warmup = max(SLOW_MIN_RUNS, int(SLOW_LOOP_S / one_round)), 0
+        else:
+            warmup = WARMUP
+    else:
+        one_round, warmup = 0.0, WARMUP
+    runners = [runtime.timed_runner(s, feed) for s in sessions]
+
+    def run():
+        t = runtime.interleaved(runners, warmup, runs)
+        return t, (t[0] / t[-1] if len(t) > 1 else t[0])
+
+    times, attempts = timing.timed(run, label, threads, retry=one_round * runs <= SLOW_LOOP_S)
+    if conditions is not None:
+        conditions.extend(attempts)
     return [float(np.median(t) * 1e3) for t in times]
 
 
 def time_layer(target: Target, input_shape: Sequence[int], shapes: dict, candidates: Sequence[Replacement],
                opset: int, ir_version: int, provider: str = "cpu", cache: LatencyCache | None = None,
-               threads: int | None = None) -> tuple[float, list[float]]:
-    """(ms of the original layer, ms of each candidate chain) at ``input_shape``."""
-    threads = threads or bench_threads()
+               threads: int | None = None, conditions: list | None = None) -> tuple[float, list[float]]:
+    """(ms of the original layer, ms of each candidate chain) at ``input_shape``; ``conditions``
+    as for :func:`time_models` (nothing is added when every time came from the cache)."""
+    threads = bench_threads(threads)
     reference = one_node_model(target, input_shape, shapes, opset, ir_version)
     models = [reference] + [candidate_model(reference, r) for r in candidates]
     keys = [structure_key(m, provider, threads) for m in models]
@@ -193,7 +219,7 @@ def time_layer(target: Target, input_shape: Sequence[int], shapes: dict, candida
     todo = [0] + [i for i in range(1, len(models)) if cached[i] is None]
     np_dtype = helper.tensor_dtype_to_np_dtype(target.weight_dtype)
     feed = {reference.graph.input[0].name: np.random.default_rng(0).standard_normal(input_shape).astype(np_dtype)}
-    ms = time_models([models[i] for i in todo], feed, provider, threads)
+    ms = time_models([models[i] for i in todo], feed, provider, threads, conditions=conditions)
     for i, t in zip(todo, ms):
         cached[i] = t
         cache.put(keys[i], t)

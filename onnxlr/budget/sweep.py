@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import onnx
 
-from onnxlr.budget import allocate as budget
 from onnxlr import model as g
-from onnxlr.errors import OnnxlrError
+from onnxlr.budget import allocate as budget
 from onnxlr.config import CompressConfig, apply_filters
+from onnxlr.errors import OnnxlrError
 from onnxlr.model.targets import find_targets
 from onnxlr.report.compress import CompressReport
 from onnxlr.report.progress import Progress
@@ -63,6 +63,9 @@ class SweepResult:
     baseline_metric: float | None
     plan_seconds: dict
     seconds: float
+    damage: dict = field(default_factory=dict)  # the damage estimator's record (onnxlr.budget.damage)
+    threads: int | None = None
+    timings: dict = field(default_factory=dict)  # conditions of the plan's timings
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,8 +88,9 @@ class SweepResult:
                          "-" if p.metric is None else f"{p.metric:.4f}"])
         table = format_table(["kind", "setting", "layers", "MACs", "predicted", "measured", "error", "metric"], rows)
         base = "" if self.baseline_metric is None else f", original metric {self.baseline_metric:.4f}"
-        return (f"{table}\n\n{self.provider}; {'data-aware (calibration data)' if self.data_aware else 'data-free'} "
-                f"damage; original {self.baseline_ms:.3f} ms{base}; sweep {self.seconds:.0f} s "
+        return (f"{table}\n\n{self.provider}, {self.threads} threads; "
+                f"{'data-aware (calibration data)' if self.data_aware else 'data-free'} damage by "
+                f"{self.damage.get('estimator', '?')}; original {self.baseline_ms:.3f} ms{base}; sweep {self.seconds:.0f} s "
                 f"(plan {self.plan_seconds.get('total', 0):.0f} s)")
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
@@ -203,7 +207,7 @@ def sweep(
                 choice[lp.index] = cand
         points.append(point("uniform", f, choice))
     return SweepResult(label, plan.provider, plan.data_aware, points, plan.model_ms, baseline_metric,
-                       plan.seconds, time.perf_counter() - started)
+                       plan.seconds, time.perf_counter() - started, plan.damage, plan.threads, plan.timings)
 
 
 def _uniform_candidate(lp: budget.LayerPlan, fraction: float):

@@ -454,9 +454,12 @@ def _run(session, feed, tensors) -> dict[str, np.ndarray]:
 
 
 def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit_moments, held, paired_ok: bool = True,
-                       merge_held: bool = True) -> tuple[Replacement, str]:
+                       merge_held: bool = True, errors: dict | None = None) -> tuple[Replacement, str]:
     """(new replacement, note). Keeps the data-free replacement when no data-aware one is better
-    on the held-out rows; the method's refit and rebuild do the work (onnxlr.methods)."""
+    on the held-out rows; the method's refit and rebuild do the work (onnxlr.methods).
+    ``errors`` (a dict), when given, gets "before" and "after": the layer's relative output error
+    on the held-out moments (the fitted ones when none are held out) of the data-free and of the
+    returned replacement (with ``merge_held`` the returned one is refit on more rows)."""
     method = methods.get(replacement.method)
     if isinstance(fit_moments[0], fit.ReducedMoments) and not method.whitened:
         return replacement, (f"calib: the input is too wide for full statistics and {method.name}'s refit needs "
@@ -495,6 +498,8 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit_mome
         scored.append((error(refitted.maps, refitted.biases, check), i))
     after, best = min(scored)
     where = "held-out" if has_held else "calibration"
+    if errors is not None:
+        errors.update(before=before, after=min(after, before))
     if not after < before:
         return replacement, f"calib: data-free factors kept ({where} output error {before:.4g} <= data-aware {after:.4g})"
     merged = [f.merged(h) for f, h in zip(fit_moments, held)] if has_held and merge_held else fit_moments

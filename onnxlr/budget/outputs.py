@@ -1,0 +1,88 @@
+"""Model outputs and errors the budget measures: the outputs errors are taken on (the logits of
+Softmax outputs), the relative L2 error between two runs, and the prepared model with chosen layers
+replaced (:func:`build_model`: the object the planner measures is the object the writer writes)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+from onnxlr import model as g
+from onnxlr import runtime
+from onnxlr.model.opset import default_opset
+from onnxlr.model.splice import splice
+from onnxlr.model.targets import find_targets
+
+#: A Softmax output saturates: errors in the logits of confident positions vanish from the
+#: probabilities. Damages and output errors are measured on its input (the logits) instead.
+ERROR_ON_LOGITS = True
+
+
+def run_outputs(model: bytes | onnx.ModelProto, feeds: list, extra: dict | None = None) -> list[np.ndarray]:
+    """Every graph output (then the ``extra`` tensors, name -> dtype) over all ``feeds``,
+    concatenated."""
+    if extra:
+        m = onnx.load_from_string(model if isinstance(model, bytes) else model.SerializeToString())
+        model = g.expose_outputs(m, extra)
+    session = runtime.make_session(model)
+    names = [o.name for o in session.get_outputs()]
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for feed in feeds:
+        for i, out in enumerate(session.run(names, feed)):
+            parts[i].append(np.asarray(out))
+    outs = []
+    for p in parts:
+        try:
+            outs.append(np.concatenate(p) if p[0].ndim else p[0])
+        except ValueError:
+            outs.append(np.concatenate([x.ravel() for x in p]))
+    return outs
+
+
+def softmax_logits(model: onnx.ModelProto) -> dict:
+    """{Softmax input name: dtype} for every graph output made by a Softmax (through Identity
+    nodes), when :data:`ERROR_ON_LOGITS`; else {}."""
+    if not ERROR_ON_LOGITS:
+        return {}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = {}
+    for out in model.graph.output:
+        node = producer.get(out.name)
+        while node is not None and node.op_type == "Identity":
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Softmax":
+            found[node.input[0]] = out.type.tensor_type.elem_type or onnx.TensorProto.FLOAT
+    return found
+
+
+def scored_outputs(plan, model: bytes | onnx.ModelProto, feeds: list) -> list[np.ndarray]:
+    """The outputs errors are measured on: the graph outputs, or the logits of Softmax outputs."""
+    if not plan.logits:
+        return run_outputs(model, feeds)
+    return run_outputs(model, feeds, plan.logits)[-len(plan.logits):]
+
+
+def output_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """Relative L2 error over all float outputs together."""
+    num = den = 0.0
+    for a, b in zip(reference, candidate):
+        if not np.issubdtype(a.dtype, np.floating):
+            continue
+        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        num += float(np.sum((a64 - b64) ** 2))
+        den += float(np.sum(a64**2))
+    return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def build_model(plan, choice: dict) -> onnx.ModelProto:
+    """The prepared model with the chosen layers replaced."""
+    model = onnx.load_from_string(plan.base)
+    targets = find_targets(model, {})
+    names = g.NameScope(g.all_names(model))
+    opset = default_opset(model)
+    for index, cand in choice.items():
+        t = targets[index]
+        splice(t, cand.replacement, names, opset, model.ir_version)
+    return model
