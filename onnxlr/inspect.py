@@ -95,12 +95,14 @@ class InspectResult:
             cells += ["-"] * (len(header) - len(cells))
             rows.append(tuple(cells))
         t = self.totals
-        rows.append(("TOTAL", "", "", human(t["params"]), human(t["macs_known"]), "100%",
+        known, unsized = t["macs_known"], t["layers_with_unknown_size"]
+        total = "?" if unsized and not known else human(known) + ("+?" if unsized else "")
+        rows.append(("TOTAL", "", "", human(t["params"]), total, "100%" if known else "-",
                      f"{t['factorizable']} of {t['layers']}") + ("",) * len(INSPECT_SPECS))
         lines = format_table(rows)
         if t["layers_with_unknown_size"]:
             lines.append(f"note: {t['layers_with_unknown_size']} layer(s) have dynamic sizes: their MACs are per "
-                         "output position (/pos) and not in the total")
+                         "output position (/pos) and not in the total; --shape NAME:DIMS or --inputs DATA sizes them")
         return "\n".join(lines)
 
 

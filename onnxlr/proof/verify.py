@@ -475,35 +475,26 @@ def _load_proto(model: runtime.ModelLike) -> onnx.ModelProto:
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> tuple[onnx.ModelProto, set]:
     """A copy of ``model`` with ``names`` added as graph outputs (typed, unshaped); returns the
     copy and the names it can output (those whose element type is known)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    if copy.ByteSize() >= 2**31:
+    if model.ByteSize() >= 2**31:
         raise OnnxlrError(
             f"{runtime.model_label(model)} is over 2 GB; --per-layer needs the model to fit in "
             f"one protobuf: run verify without --per-layer"
         )
-    g = copy.graph
+    g = model.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.output, *g.input)}
     if any(not types.get(n) for n in names):
         try:
-            inferred = onnx.shape_inference.infer_shapes(copy)
+            inferred = onnx.shape_inference.infer_shapes(model)
             for v in inferred.graph.value_info:
                 types.setdefault(v.name, v.type.tensor_type.elem_type)
                 if not types[v.name]:
                     types[v.name] = v.type.tensor_type.elem_type
         except Exception as exc:  # noqa: BLE001 -- a fallback: types stay unknown, and are logged
             log.warning("per-layer: shape inference failed (%s); untyped tensors are skipped", exc)
-    present = {o.name for o in g.output}
-    kept = set()
-    for name in names:
-        if name in present:
-            kept.add(name)
-        elif types.get(name):
-            g.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
-            kept.add(name)
-        else:
-            log.warning("per-layer: skipping %s, its element type is unknown", name)
-    return copy, kept
+    kept = {n for n in names if n in {o.name for o in g.output} or types.get(n)}
+    for name in sorted(set(names) - kept):
+        log.warning("per-layer: skipping %s, its element type is unknown", name)
+    return graph.expose_outputs(model, {n: types.get(n, 0) for n in names if n in kept}), kept
 
 
 # --- rendering ------------------------------------------------------------------------------
