@@ -11,20 +11,12 @@ import pytest
 from builders import cnn_model, gemm_model, op_types
 
 from onnxlr.budget import allocate as budget
-from onnxlr.budget import latency
 from onnxlr.cli import main
 from onnxlr.pipeline import CompressConfig, compress
 from onnxlr.errors import OnnxlrError
 
 
-@pytest.fixture(autouse=True)
-def fast_timing(monkeypatch):
-    monkeypatch.setattr(latency, "LAYER_BUDGET_S", 0.05)
-    monkeypatch.setattr(latency, "MIN_RUNS", 5)
-    monkeypatch.setattr(latency, "WARMUP", 2)
-    monkeypatch.setattr(budget, "MODEL_BUDGET_S", 0.3)
-    monkeypatch.setattr(budget, "CHECK_SAMPLES", 4)
-    monkeypatch.setattr(budget, "DAMAGE_SAMPLES", 4)
+pytestmark = pytest.mark.usefixtures("fast_timing")
 
 
 # --- the allocation rule on synthetic plans ---------------------------------------------------

@@ -14,19 +14,11 @@ from builders import cnn_model
 
 from onnxlr import runtime
 from onnxlr.budget import allocate as budget
-from onnxlr.budget import damage, latency, timing
+from onnxlr.budget import damage, timing
 from onnxlr.pipeline import CompressConfig, compress
 
 
-@pytest.fixture(autouse=True)
-def fast_timing(monkeypatch):
-    monkeypatch.setattr(latency, "LAYER_BUDGET_S", 0.05)
-    monkeypatch.setattr(latency, "MIN_RUNS", 5)
-    monkeypatch.setattr(latency, "WARMUP", 2)
-    monkeypatch.setattr(budget, "MODEL_BUDGET_S", 0.3)
-    monkeypatch.setattr(budget, "FINAL_BUDGET_S", 1.0)
-    monkeypatch.setattr(budget, "CHECK_SAMPLES", 4)
-    monkeypatch.setattr(budget, "DAMAGE_SAMPLES", 4)
+pytestmark = pytest.mark.usefixtures("fast_timing")
 
 
 def test_contention_during_the_final_check_is_flagged_and_the_remeasured_figure_is_used(tmp_path, monkeypatch):

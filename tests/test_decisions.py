@@ -19,11 +19,8 @@ from onnxlr.cli import main
 
 
 @pytest.fixture(autouse=True)
-def fast_timing(monkeypatch):
-    monkeypatch.setattr(latency, "LAYER_BUDGET_S", 0.05)
-    monkeypatch.setattr(latency, "MIN_RUNS", 5)
-    monkeypatch.setattr(latency, "WARMUP", 2)
-    monkeypatch.setattr(budget, "MODEL_BUDGET_S", 0.3)
+def planned_layers(fast_timing, monkeypatch):
+    monkeypatch.setattr(budget, "CHECK_SAMPLES", 32)  # the held-out set of 40 samples: 8
     monkeypatch.setattr(budget, "MAX_LAYER_DAMAGE", 10.0)
 
     def time_layer(target, input_shape, shapes, candidates, *args, **kwargs):

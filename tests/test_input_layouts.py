@@ -20,8 +20,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr.budget import allocate as budget
-from onnxlr.budget import latency
 from onnxlr.cli import main
 from onnxlr.proof.verify import verify
 
@@ -30,14 +28,7 @@ T = 160  # samples per chunk in the data files
 FILES = 12  # per-feed files in the folder: 2 of them (the 5th, 10th) held out
 
 
-@pytest.fixture(autouse=True)
-def fast_timing(monkeypatch):
-    monkeypatch.setattr(latency, "LAYER_BUDGET_S", 0.05)
-    monkeypatch.setattr(latency, "MIN_RUNS", 5)
-    monkeypatch.setattr(latency, "WARMUP", 2)
-    monkeypatch.setattr(budget, "MODEL_BUDGET_S", 0.3)
-    monkeypatch.setattr(budget, "CHECK_SAMPLES", 4)
-    monkeypatch.setattr(budget, "DAMAGE_SAMPLES", 4)
+pytestmark = pytest.mark.usefixtures("fast_timing")
 
 
 # --- models ---------------------------------------------------------------------------------
