@@ -74,8 +74,8 @@ def compress_model(work: onnx.ModelProto, config: CompressConfig, *, check_outpu
     report = CompressReport()
     report.model_notes.extend(m.fold_constant_weights(work))
     targets = prepare_targets(work, config, report)
-    if m.has_lazy_tensors(work) and (config.calib is not None or config.budgeted or config.quantize is not None):
-        m.materialize_external(work)  # calibration, budgets and quantization run the model in memory
+    if m.has_lazy_tensors(work) and (config.budgeted or config.quantize is not None):
+        m.materialize_external(work)  # budgets and quantization run the model in memory (calibration need not)
     started = time.perf_counter()
     if config.budgeted:
         from onnxlr.budget.allocate import plan_decisions

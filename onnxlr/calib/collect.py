@@ -30,8 +30,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -41,7 +45,8 @@ from onnxlr.calib import fit
 from onnxlr.errors import OnnxlrError
 from onnxlr.layers import ConvLayer, Replacement
 from onnxlr.methods.base import group_blocks, layer_matrices
-from onnxlr.model.edit import prune_to_outputs
+from onnxlr.model.edit import copy_fields, copy_without_initializers, prune_to_outputs
+from onnxlr.model.io import all_initializers, has_lazy_tensors, iter_tensors_with_external_data
 from onnxlr.model.splice import read_bias
 from onnxlr.model.targets import Target
 from onnxlr.report.progress import Progress
@@ -62,6 +67,10 @@ MEMORY_FRACTION = 0.5
 WIDE_INPUT = 4096
 REDUCED_BASIS = 1024
 CHUNK = 8  # samples per onnxruntime run when the batch is dynamic
+#: A pass's model (prefix) up to this size, all in memory, goes to onnxruntime as bytes; a bigger
+#: one, or one with weights on disk (external data), is written to the calibration's temporary
+#: folder with its weights as external data, and onnxruntime reads it from there.
+SESSION_BYTES = 256 * 2**20
 SEED = 0
 
 
@@ -232,7 +241,11 @@ class Calibrator:
             raise OnnxlrError(f"unknown calibration mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode
         self.model = model  # the model being compressed, modified in place by the caller
-        self.original = model.SerializeToString()
+        # The original model for the passes: its big weights on disk (in a temporary folder, or
+        # where a lazily loaded model keeps them), never a second copy in memory.
+        self._files = SessionFiles(model)
+        self.original = self._files.original
+        self._original_signature = _signature(model.graph)
         self.specs = data.model_input_specs(model)
         self.source = data.open_source(data_source, self.specs, what="--calib")
         self.samples = samples
@@ -312,7 +325,7 @@ class Calibrator:
             samples += 1
         if first is None:
             raise OnnxlrError(f"--calib {self.source.label}: no samples")
-        session = make_session(self.original)
+        session = self._files.session(self.original, None, {})
         session.run(None, first)
         started = time.perf_counter()
         session.run(None, first)
@@ -356,13 +369,12 @@ class Calibrator:
                 plan.paired_ok = not upstream[id(plan.target)] and id(plan.target) not in self.reduced
         tensors = sorted({p.tensor for p in plans})
         dtypes = {t.node.input[0]: t.weight_dtype for t in layers}
-        original = _session_with_outputs(self.original, tensors, dtypes)
+        original = self._files.session(self.original, tensors, dtypes)
         current = None
         if paired:
-            current_bytes = self.model.SerializeToString()
             # Before any layer is replaced the two models are one: run it once (the first stage).
-            current = original if current_bytes == self.original else _session_with_outputs(current_bytes, tensors, dtypes)
-            del current_bytes
+            unchanged = _signature(self.model.graph) == self._original_signature
+            current = original if unchanged else self._files.session(self.model, tensors, dtypes)
         rng = np.random.default_rng(SEED + stage)
         seen = 0
         progress = Progress(f"calibration pass {stage + 1}/{self.n_stages}", self.samples or self.source.count,
@@ -426,21 +438,171 @@ class Calibrator:
         return new
 
 
-def _session_with_outputs(model_bytes: bytes, tensors: list[str], dtypes: dict):
-    """A session computing just ``tensors``: the model cut to the prefix they need (measured on
-    the bundled model: the prefix up to its second conv runs 8x faster than the whole model, while
-    the whole model with only that tensor as output runs about as long as before)."""
-    model = onnx.ModelProto()
-    model.ParseFromString(model_bytes)
-    inputs = {vi.name for vi in model.graph.input}
-    wanted = {name: dtypes.get(name, onnx.TensorProto.FLOAT) for name in tensors if name not in inputs}
-    if not wanted:
-        return None
-    prefix = prune_to_outputs(model, wanted)
-    del model
-    data_bytes = prefix.SerializeToString()
-    del prefix
-    return make_session(data_bytes)
+def _signature(graph: onnx.GraphProto) -> tuple:
+    """What splicing a replacement changes: the nodes and the initializers' names."""
+    return (tuple((n.op_type, tuple(n.input), tuple(n.output)) for n in graph.node),
+            tuple(t.name for t in graph.initializer))
+
+
+class SessionFiles:
+    """onnxruntime sessions for calibration passes, without a second copy of the model in memory.
+
+    At construction the model's big in-memory weights are written once to ``original.data`` in a
+    temporary folder and :attr:`original` is a copy of the model that refers to them (as a lazily
+    loaded model refers to its external data): the model being compressed is modified in place
+    afterwards. A pass's model (the prefix its layers need) goes to onnxruntime as bytes when it is
+    small and all in memory; otherwise it is written to the folder with its in-memory weights as
+    external data and its on-disk weights linked (a hard link to their file, when the folder is on
+    the same file system, else a copy of the tensors' bytes), and opened from there; the pass's
+    files are deleted once the session is built. The folder goes next to the model's own external
+    data when it can (so links work), else to the system's temporary folder (TMPDIR), and is removed
+    when this object is collected or the process exits."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.dir = Path(tempfile.mkdtemp(prefix=".onnxlr-calib-", dir=_temp_parent(model)))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+        self._linked: dict[str, str | None] = {}  # absolute data file -> its name in self.dir (None: copy)
+        self._count = 0
+        self.original = self._detach(model)
+
+    def _detach(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A copy of ``model`` whose big in-memory initializers refer to ``original.data``; they
+        are never copied in memory (a protobuf keeps cleared fields' memory until it is freed)."""
+        copy = copy_without_initializers(model)
+        location = str(self.dir / "original.data")
+        with open(location, "wb") as f:
+            for tensor in model.graph.initializer:
+                new = copy.graph.initializer.add()
+                if (tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() < _BIG
+                        or tensor.data_type == onnx.TensorProto.STRING):
+                    new.CopyFrom(tensor)
+                    continue
+                copy_fields(tensor, new, skip=_DATA_FIELDS)
+                _refer(new, location, _append(f, _tensor_bytes(tensor)))
+        return copy
+
+    def session(self, model: onnx.ModelProto, tensors: list[str] | None, dtypes: dict):
+        """A session computing just ``tensors`` (None: the model's outputs): the model cut to the
+        prefix they need (measured on the bundled model: the prefix up to its second conv runs 8x
+        faster than the whole model, while the whole model with only that tensor as output runs
+        about as long as before); None when they are all graph inputs."""
+        if tensors is None:
+            prefix = prune_to_outputs(model, {o.name: o.type.tensor_type.elem_type for o in model.graph.output})
+        else:
+            inputs = {vi.name for vi in model.graph.input}
+            wanted = {name: dtypes.get(name, onnx.TensorProto.FLOAT) for name in tensors if name not in inputs}
+            if not wanted:
+                return None
+            prefix = prune_to_outputs(model, wanted)
+        if not has_lazy_tensors(prefix) and prefix.ByteSize() < SESSION_BYTES:
+            return make_session(prefix.SerializeToString())
+        self._count += 1
+        stem = self.dir / f"pass{self._count}"
+        model_path, data_path = stem.with_suffix(".onnx"), stem.with_suffix(".data")
+        try:
+            with open(data_path, "wb") as f:
+                for tensor in list(all_initializers(prefix.graph)):
+                    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                        source, offset, length = _external_info(tensor)
+                        name = self._link(source)
+                        if name is not None:
+                            _refer(tensor, name, offset, length)
+                            continue
+                        data = _read_range(source, offset, length)
+                    elif tensor.ByteSize() >= _BIG and tensor.data_type != onnx.TensorProto.STRING:
+                        data = _tensor_bytes(tensor)
+                    else:
+                        continue
+                    _refer(tensor, data_path.name, _append(f, data))
+                    del data
+            model_path.write_bytes(prefix.SerializeToString())
+            del prefix
+            return make_session(str(model_path))
+        finally:
+            model_path.unlink(missing_ok=True)
+            data_path.unlink(missing_ok=True)
+
+    def _link(self, source: str) -> str | None:
+        """The name under which ``source`` (an absolute data file) is reachable in self.dir."""
+        if source not in self._linked:
+            path = Path(source)
+            if path.parent == self.dir:
+                self._linked[source] = path.name
+            else:
+                name = f"linked{len(self._linked)}.data"
+                try:
+                    os.link(path, self.dir / name)
+                    self._linked[source] = name
+                except OSError:  # another file system, or links not allowed: copy the tensors
+                    self._linked[source] = None
+        return self._linked[source]
+
+    def close(self) -> None:
+        self._cleanup()
+
+
+_BIG = 1024  # tensors at least this big (serialized) go to a data file
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
+                "external_data", "data_location")
+
+
+def _temp_parent(model: onnx.ModelProto) -> str | None:
+    """Beside the model's external data when that folder is writable, else None (TMPDIR)."""
+    for tensor in iter_tensors_with_external_data(model):
+        folder = os.path.dirname(_external_info(tensor)[0])
+        if os.path.isabs(folder) and os.access(folder, os.W_OK):
+            return folder
+        break
+    return None
+
+
+def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int]:
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    if "length" in info:
+        length = int(info["length"])
+    else:
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        length = count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return info["location"], int(info.get("offset", 0)), length
+
+
+def _read_range(location: str, offset: int, length: int) -> bytes:
+    with open(location, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise OnnxlrError(f"external data file {location} is truncated; re-export the model")
+    return data
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:
+    """The tensor's raw little-endian bytes (raw_data, or its typed fields converted)."""
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(tensor).tobytes()
+
+
+def _append(f, data: bytes) -> tuple[int, int]:
+    """Write ``data`` at the next 4 kB boundary of ``f``; returns (offset, length)."""
+    offset = f.tell()
+    pad = (-offset) % 4096
+    f.write(b"\0" * pad)
+    f.write(data)
+    return offset + pad, len(data)
+
+
+def _refer(tensor: onnx.TensorProto, location: str, offset_length: tuple[int, int] | int, length: int | None = None) -> None:
+    """Point ``tensor`` at ``location`` (its bytes at offset, length there), dropping in-memory data."""
+    offset, length = offset_length if length is None else (offset_length, length)
+    for field in _DATA_FIELDS:
+        tensor.ClearField(field)
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def _run(session, feed, tensors) -> dict[str, np.ndarray]:

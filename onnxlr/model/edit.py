@@ -215,8 +215,9 @@ def prune_to_outputs(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.Mo
     """A copy of ``model`` whose only outputs are ``tensors`` (name -> element type, as for
     :func:`expose_outputs`) and whose main graph keeps only the nodes they need: a prefix of the
     model, which onnxruntime runs in a fraction of the whole model's time (it does not prune an
-    unneeded tail by itself). Graph inputs stay declared, used or not, so every feed still fits."""
-    copy = expose_outputs(model, tensors)
+    unneeded tail by itself). Graph inputs stay declared, used or not, so every feed still fits.
+    Only the initializers the prefix reads are copied (a big model is never copied whole)."""
+    copy = expose_outputs(copy_without_initializers(model), tensors)
     graph = copy.graph
     kept_outputs = [o for o in graph.output if o.name in tensors]
     del graph.output[:]
@@ -232,8 +233,34 @@ def prune_to_outputs(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.Mo
     for i in reversed(range(len(graph.node))):
         if i not in needed:
             del graph.node[i]
+    reads = {name for node in graph.node for name in _reads(node)} | set(tensors)
+    graph.initializer.extend(t for t in model.graph.initializer if t.name in reads)
     remove_unused_constants(graph, [t.name for t in graph.initializer])  # graph inputs stay
     return copy
+
+
+def copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose main graph has no initializers (everything else is copied)."""
+    copy = onnx.ModelProto()
+    copy_fields(model, copy, skip=("graph",))
+    copy_fields(model.graph, copy.graph, skip=("initializer",))
+    return copy
+
+
+def copy_fields(source, target, skip: tuple[str, ...] = ()) -> None:
+    """Copy every set field of protobuf message ``source`` into ``target`` except ``skip``."""
+    for fd, value in source.ListFields():
+        if fd.name in skip:
+            continue
+        repeated = getattr(fd, "is_repeated", None)
+        if repeated is None:  # protobuf before 5.28
+            repeated = fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(target, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(target, fd.name).CopyFrom(value)
+        else:
+            setattr(target, fd.name, value)
 
 
 def _reads(node: onnx.NodeProto) -> list[str]:
