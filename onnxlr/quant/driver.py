@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxlr.data.feeds import cast_inputs
 from onnxlr.errors import OnnxlrError
 from onnxlr.quant import backend
 from onnxlr.quant import model as qmodel
@@ -109,29 +110,13 @@ class QuantReport:
 
 
 def _check_feeds(feeds: list, specs, where: str) -> list[Feed]:
-    """Each feed holds every model input (extra keys dropped), cast to its dtype (same kind)."""
-    names = [s.name for s in specs]
+    """Each feed holds every model input (extra keys dropped), cast to its dtype (same kind):
+    the data layer's rule (onnxlr.data.cast_inputs)."""
     out = []
     for i, feed in enumerate(feeds):
         if not isinstance(feed, dict):
-            raise OnnxlrError(
-                f"{where} item {i} is a {type(feed).__name__}; give dicts input name -> array"
-            )
-        missing = [n for n in names if n not in feed]
-        if missing:
-            raise OnnxlrError(
-                f"{where} item {i} has no array for input(s) {', '.join(missing)} (it has: "
-                f"{', '.join(map(str, feed)) or 'nothing'}); key each array by the input's name"
-            )
-        cast = {}
-        for spec in specs:
-            arr, want = np.asarray(feed[spec.name]), spec.dtype
-            if arr.dtype.kind != want.kind and not {arr.dtype.kind, want.kind} <= set("iu"):
-                raise OnnxlrError(
-                    f"{where} item {i}: {spec.name!r} has dtype {arr.dtype}, the model wants {want}"
-                )
-            cast[spec.name] = arr.astype(want, copy=False)
-        out.append(cast)
+            raise OnnxlrError(f"{where} item {i} is a {type(feed).__name__}; give dicts input name -> array")
+        out.append(cast_inputs(feed, specs, f"{where} item {i}"))
     return out
 
 
