@@ -311,24 +311,33 @@ def relative_error(w, b, w_new, b_new, moments: Moments) -> float:
 #     Sigma ~= B Sigma_z B^T + lam (I - B B^T),   lam = (tr Sigma - tr Sigma_z) / (n - k),
 #
 # exact inside span(B), isotropic outside it. B is the leading right-singular subspace of W (the
-# directions the layer reads most) plus a random complement, so the whitened truncation keeps the
-# directions where both the weight and the data are large. Memory is O(k^2 + n), not O(n^2).
+# directions the layer reads most, up to its rank) plus a random complement, so the whitened
+# truncation keeps the directions where both the weight and the data are large. Memory is O(k^2 + n), not O(n^2).
 # Wide layers fit on the inputs the model being compressed gives them (symmetric statistics).
 
 
 def reduced_basis(w: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """B [n, k], orthonormal: the top right-singular directions of W [T, n] (up to k/2 of them)
-    and a seeded Gaussian complement."""
+    """B [n, k], orthonormal: the top right-singular directions of W [T, n], up to its rank, then
+    a seeded Gaussian complement. Exact (the whitened fit equals the full one) once k reaches
+    min(T, n), W's whole row space (measured on the real models: tools/bench_reduced_basis.py).
+    The Gram matrix is taken of W's shorter side, so a wide output (a vocabulary head) costs n^2."""
     n = w.shape[1]
     k = min(k, n)
     w = np.asarray(w, dtype=np.float64)
-    gram = w @ w.T  # T x T: cheap next to n x n
-    values, vectors = scipy.linalg.eigh(gram, check_finite=False)
-    top = min(k // 2, int(np.sum(values > values.max() * 1e-12)))
-    order = np.argsort(values)[::-1][:top]
-    right = (w.T @ vectors[:, order]) / np.sqrt(values[order])  # n x top
+    if w.shape[0] >= n:  # tall: the right vectors are the eigenvectors of W^T W (n x n)
+        values, right = scipy.linalg.eigh(w.T @ w, check_finite=False)
+    else:
+        values, vectors = scipy.linalg.eigh(w @ w.T, check_finite=False)
+        right = None
+    order = np.argsort(values)[::-1]
+    rank = int(np.sum(values > values.max() * 1e-12)) if values.size else 0
+    top = order[: min(k, rank)]
+    if right is not None:
+        directions = right[:, top]
+    else:
+        directions = (w.T @ vectors[:, top]) / np.sqrt(values[top])
     rng = np.random.default_rng(seed)
-    basis, _ = np.linalg.qr(np.concatenate([right, rng.standard_normal((n, k - top))], axis=1))
+    basis, _ = np.linalg.qr(np.concatenate([directions, rng.standard_normal((n, k - len(top)))], axis=1))
     return basis
 
 
