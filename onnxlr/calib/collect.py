@@ -451,17 +451,24 @@ class SessionFiles:
     temporary folder and :attr:`original` is a copy of the model that refers to them (as a lazily
     loaded model refers to its external data): the model being compressed is modified in place
     afterwards. A pass's model (the prefix its layers need) goes to onnxruntime as bytes when it is
-    small and all in memory; otherwise it is written to the folder with its in-memory weights as
-    external data and its on-disk weights linked (a hard link to their file, when the folder is on
-    the same file system, else a copy of the tensors' bytes), and opened from there; the pass's
-    files are deleted once the session is built. The folder goes next to the model's own external
-    data when it can (so links work), else to the system's temporary folder (TMPDIR), and is removed
-    when this object is collected or the process exits."""
+    small and all in memory; otherwise it is written with its in-memory weights as external data
+    and opened from there (onnxruntime reads external data only from the model file's own folder,
+    and refuses links out of it). A model with external data gets these files beside its data file,
+    under a hidden name unique to this object, so they refer to it by name (no copy, no hard link:
+    onnx.checker refuses a data file with several links); when that folder is not writable, or
+    the model has none, they go to a temporary folder (TMPDIR) and on-disk weights are copied. A
+    pass's files are deleted once its session is built; all are removed when this object is
+    collected or the process exits."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.dir = Path(tempfile.mkdtemp(prefix=".onnxlr-calib-", dir=_temp_parent(model)))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
-        self._linked: dict[str, str | None] = {}  # absolute data file -> its name in self.dir (None: copy)
+        beside = _temp_parent(model)
+        if beside is not None:
+            self.dir = Path(beside)
+            self.prefix = f".onnxlr-calib-{os.getpid()}-{id(self):x}-"
+            self._cleanup = weakref.finalize(self, _remove_prefixed, str(self.dir), self.prefix)
+        else:
+            self.dir, self.prefix = Path(tempfile.mkdtemp(prefix=".onnxlr-calib-")), ""
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self._count = 0
         self.original = self._detach(model)
 
@@ -469,7 +476,7 @@ class SessionFiles:
         """A copy of ``model`` whose big in-memory initializers refer to ``original.data``; they
         are never copied in memory (a protobuf keeps cleared fields' memory until it is freed)."""
         copy = copy_without_initializers(model)
-        location = str(self.dir / "original.data")
+        location = str(self.dir / f"{self.prefix}original.data")
         with open(location, "wb") as f:
             for tensor in model.graph.initializer:
                 new = copy.graph.initializer.add()
@@ -497,16 +504,15 @@ class SessionFiles:
         if not has_lazy_tensors(prefix) and prefix.ByteSize() < SESSION_BYTES:
             return make_session(prefix.SerializeToString())
         self._count += 1
-        stem = self.dir / f"pass{self._count}"
-        model_path, data_path = stem.with_suffix(".onnx"), stem.with_suffix(".data")
+        model_path = self.dir / f"{self.prefix}pass{self._count}.onnx"
+        data_path = self.dir / f"{self.prefix}pass{self._count}.data"
         try:
             with open(data_path, "wb") as f:
                 for tensor in list(all_initializers(prefix.graph)):
                     if tensor.data_location == onnx.TensorProto.EXTERNAL:
                         source, offset, length = _external_info(tensor)
-                        name = self._link(source)
-                        if name is not None:
-                            _refer(tensor, name, offset, length)
+                        if Path(source).parent == self.dir:  # beside: refer to it by name
+                            _refer(tensor, Path(source).name, offset, length)
                             continue
                         data = _read_range(source, offset, length)
                     elif tensor.ByteSize() >= _BIG and tensor.data_type != onnx.TensorProto.STRING:
@@ -522,21 +528,6 @@ class SessionFiles:
             model_path.unlink(missing_ok=True)
             data_path.unlink(missing_ok=True)
 
-    def _link(self, source: str) -> str | None:
-        """The name under which ``source`` (an absolute data file) is reachable in self.dir."""
-        if source not in self._linked:
-            path = Path(source)
-            if path.parent == self.dir:
-                self._linked[source] = path.name
-            else:
-                name = f"linked{len(self._linked)}.data"
-                try:
-                    os.link(path, self.dir / name)
-                    self._linked[source] = name
-                except OSError:  # another file system, or links not allowed: copy the tensors
-                    self._linked[source] = None
-        return self._linked[source]
-
     def close(self) -> None:
         self._cleanup()
 
@@ -544,6 +535,11 @@ class SessionFiles:
 _BIG = 1024  # tensors at least this big (serialized) go to a data file
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
                 "external_data", "data_location")
+
+
+def _remove_prefixed(folder: str, prefix: str) -> None:
+    for path in Path(folder).glob(prefix + "*"):
+        path.unlink(missing_ok=True)
 
 
 def _temp_parent(model: onnx.ModelProto) -> str | None:
