@@ -268,7 +268,6 @@ def compress_file(
     With ``config.quantize`` the output is the INT8 model; ``float_path`` also keeps the factorized
     float model it was quantized from (for ``onnxlr.proof.steps.compare_steps``).
 
-
     An input with external data gives an output with external data (``<output>.data``) unless
     ``external_data=False``; the returned model's tensors then point at that file.
     """

@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr.proof import bench as bench_mod
 from onnxlr import runtime
 from onnxlr.proof.bench import bench
 from onnxlr.cli import main

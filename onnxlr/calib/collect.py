@@ -1,28 +1,29 @@
 """Calibration: run the model on data with onnxruntime and refine each layer's factors on it.
 
-``compress(..., calib=DATA)`` builds a :class:`Calibrator`. DATA is an .npz keyed by input name
-(samples stacked on the batch axis, as ``verify --inputs`` takes) or a folder of them. Files are
-read member by member in chunks of samples (never whole), each target layer's input is exposed as
-an extra graph output, and every pass accumulates, per layer, the moments of its input vectors
-(:class:`onnxlr.fit.Moments`): channel vectors for Gemm/MatMul rows, im2col patches for convs,
-at ``POSITIONS_PER_SAMPLE`` seeded random output positions per sample. Memory is O(n^2) per layer
-plus one chunk of activations, whatever the number of samples.
+``compress(..., calib=DATA)`` builds a :class:`Calibrator` over any source onnxlr.data takes
+(.npz files, folders, loaders, image folders). Each pass exposes the inputs of its layers as the
+outputs of the model's prefix that computes them, and accumulates, per layer, the moments of its
+input vectors (:class:`onnxlr.calib.fit.Moments`): channel vectors for Gemm/MatMul rows, im2col
+patches for convs, at ``POSITIONS_PER_SAMPLE`` seeded random output positions per sample. Memory is
+the statistics (sized before any pass, scheduled within ``--calib-memory``; wide inputs in a reduced
+basis, :class:`~onnxlr.calib.fit.ReducedMoments`) plus one chunk of activations, whatever the number
+of samples.
 
 Modes:
 
 * ``symmetric``: one pass over the original model; every layer is fitted to its own inputs.
 * ``asymmetric`` (default): each layer is fitted with the inputs it sees in the model compressed
-  so far, against the original model's outputs, so errors do not pile up with depth. The layers
-  are processed in graph (topological) order in ``ASYMMETRIC_STAGES`` stages: one pass per stage
-  runs the original and the partially compressed model side by side and collects the stage's
-  layers. One stage per layer would be exact but costs one pass per layer; with stages, a layer
-  does not see the compression of layers in its own stage (measured on the real models: see the
-  report). Layers inside If/Loop bodies keep their data-free factors.
+  so far, against the original model's outputs, so errors do not pile up with depth. Layers are
+  processed in graph (topological) order in passes; a pass runs the original and the partially
+  compressed model side by side. A layer does not see the compression of layers in its own pass,
+  so the default is one pass per layer when that is expected to be affordable
+  (:meth:`Calibrator._default_stages`). Layers inside If/Loop bodies keep their data-free factors.
 
-Every ``HOLDOUT_EVERY``-th sample goes to held-out moments: the data-aware factors replace the
+Every ``data.HOLDOUT_EVERY``-th sample goes to held-out moments: the data-aware factors replace the
 data-free ones only when their layer-output error on those held-out samples is lower, and are then
-refitted on all samples. Layers that cannot take a new bias (MatMul, Gemm without constant C) keep
-theirs; convs and Gemm with a constant C get a refitted bias.
+refitted on all samples (budgets keep the held-out samples out, to score on them). Layers that
+cannot take a new bias (MatMul without a following Add, Gemm without constant C) keep theirs; the
+others get a refitted bias, written by the splice.
 """
 
 from __future__ import annotations
@@ -46,7 +47,15 @@ from onnxlr.errors import OnnxlrError
 from onnxlr.layers import ConvLayer, Replacement
 from onnxlr.methods.base import group_blocks, layer_matrices
 from onnxlr.model.edit import copy_fields, copy_without_initializers, prune_to_outputs
-from onnxlr.model.io import all_initializers, has_lazy_tensors, iter_tensors_with_external_data
+from onnxlr.model.io import (
+    all_initializers,
+    external_info,
+    has_lazy_tensors,
+    iter_tensors_with_external_data,
+    read_range,
+    track_temp,
+    untrack_temp,
+)
 from onnxlr.model.splice import read_bias
 from onnxlr.model.targets import Target
 from onnxlr.report.progress import Progress
@@ -477,6 +486,7 @@ class SessionFiles:
         are never copied in memory (a protobuf keeps cleared fields' memory until it is freed)."""
         copy = copy_without_initializers(model)
         location = str(self.dir / f"{self.prefix}original.data")
+        track_temp(location)  # an interruption removes it (onnxlr.model.io.remove_temp_files)
         with open(location, "wb") as f:
             for tensor in model.graph.initializer:
                 new = copy.graph.initializer.add()
@@ -506,15 +516,17 @@ class SessionFiles:
         self._count += 1
         model_path = self.dir / f"{self.prefix}pass{self._count}.onnx"
         data_path = self.dir / f"{self.prefix}pass{self._count}.data"
+        track_temp(model_path)
+        track_temp(data_path)
         try:
             with open(data_path, "wb") as f:
                 for tensor in list(all_initializers(prefix.graph)):
                     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                        source, offset, length = _external_info(tensor)
+                        source, offset, length = external_info(tensor)
                         if Path(source).parent == self.dir:  # beside: refer to it by name
                             _refer(tensor, Path(source).name, offset, length)
                             continue
-                        data = _read_range(source, offset, length)
+                        data = read_range(source, offset, length)
                     elif tensor.ByteSize() >= _BIG and tensor.data_type != onnx.TensorProto.STRING:
                         data = _tensor_bytes(tensor)
                     else:
@@ -525,8 +537,9 @@ class SessionFiles:
             del prefix
             return make_session(str(model_path))
         finally:
-            model_path.unlink(missing_ok=True)
-            data_path.unlink(missing_ok=True)
+            for path in (model_path, data_path):
+                path.unlink(missing_ok=True)
+                untrack_temp(path)
 
     def close(self) -> None:
         self._cleanup()
@@ -540,35 +553,17 @@ _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_da
 def _remove_prefixed(folder: str, prefix: str) -> None:
     for path in Path(folder).glob(prefix + "*"):
         path.unlink(missing_ok=True)
+        untrack_temp(path)
 
 
 def _temp_parent(model: onnx.ModelProto) -> str | None:
     """Beside the model's external data when that folder is writable, else None (TMPDIR)."""
     for tensor in iter_tensors_with_external_data(model):
-        folder = os.path.dirname(_external_info(tensor)[0])
+        folder = os.path.dirname(external_info(tensor)[0])
         if os.path.isabs(folder) and os.access(folder, os.W_OK):
             return folder
         break
     return None
-
-
-def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int]:
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    if "length" in info:
-        length = int(info["length"])
-    else:
-        count = int(np.prod(tensor.dims)) if tensor.dims else 1
-        length = count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return info["location"], int(info.get("offset", 0)), length
-
-
-def _read_range(location: str, offset: int, length: int) -> bytes:
-    with open(location, "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise OnnxlrError(f"external data file {location} is truncated; re-export the model")
-    return data
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:

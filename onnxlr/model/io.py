@@ -102,7 +102,7 @@ def has_lazy_tensors(model: onnx.ModelProto) -> bool:
     return next(iter_tensors_with_external_data(model), None) is not None
 
 
-def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int]:
+def external_info(tensor: onnx.TensorProto) -> tuple[str, int, int]:
     info = {entry.key: entry.value for entry in tensor.external_data}
     offset = int(info.get("offset", 0))
     length = int(info.get("length", _tensor_nbytes(tensor)))
@@ -113,7 +113,7 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     """numpy_helper.to_array, except that a lazily loaded external tensor is memory-mapped."""
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(tensor)
-    location, offset, length = _external_info(tensor)
+    location, offset, length = external_info(tensor)
     if not os.path.isabs(location):
         raise OnnxlrError(f"tensor {tensor.name!r} refers to external data that was not loaded")
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
@@ -127,11 +127,11 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     copy.CopyFrom(tensor)
     copy.ClearField("external_data")
     copy.data_location = onnx.TensorProto.DEFAULT
-    copy.raw_data = _read_range(location, offset, length)
+    copy.raw_data = read_range(location, offset, length)
     return numpy_helper.to_array(copy)
 
 
-def _read_range(location: str, offset: int, length: int) -> bytes:
+def read_range(location: str, offset: int, length: int) -> bytes:
     with open(location, "rb") as f:
         f.seek(offset)
         data = f.read(length)
@@ -143,8 +143,8 @@ def _read_range(location: str, offset: int, length: int) -> bytes:
 def materialize_external(model: onnx.ModelProto) -> None:
     """Read every lazily loaded external tensor into the model (before an in-memory use)."""
     for tensor in list(iter_tensors_with_external_data(model)):
-        location, offset, length = _external_info(tensor)
-        tensor.raw_data = _read_range(location, offset, length)
+        location, offset, length = external_info(tensor)
+        tensor.raw_data = read_range(location, offset, length)
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
 
@@ -345,6 +345,16 @@ def _forget_temp(tmp: Path) -> None:
     _live_temps.discard(tmp)
 
 
+def track_temp(path: str | os.PathLike) -> None:
+    """Have :func:`remove_temp_files` (an interruption) delete ``path`` unless
+    :func:`untrack_temp` comes first: for temporary files made by name, not by temp_path."""
+    _live_temps.add(Path(path))
+
+
+def untrack_temp(path: str | os.PathLike) -> None:
+    _live_temps.discard(Path(path))
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Fail early, before any work, when ``path`` cannot be created: try a temporary file there.
 
@@ -417,7 +427,7 @@ def _write_external_data(model: onnx.ModelProto, data_path: Path, location: str)
             return offset + pad
 
         for tensor in list(iter_tensors_with_external_data(model)):
-            source, start, length = _external_info(tensor)
+            source, start, length = external_info(tensor)
             offset = align()
             with open(source, "rb") as src:
                 src.seek(start)
