@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -20,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxlr
 from onnxlr.errors import OnnxlrError
 
-verify = pytest.importorskip("onnxlr.verify").verify
+from onnxlr.proof.verify import verify
 
 
 class _Builder:

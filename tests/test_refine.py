@@ -1,4 +1,4 @@
-"""The data-aware math of onnxlr.refine against closed forms and direct least squares."""
+"""The data-aware math of onnxlr.calib.fit against closed forms and direct least squares."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Budgeted allocation against the best uniform rank, at the same measured speedup.
 
-For each model: ``onnxlr.sweep.sweep`` with a task-metric callback (one plan: candidates,
+For each model: ``onnxlr.budget.sweep.sweep`` with a task-metric callback (one plan: candidates,
 microbenchmarks and damages measured once), then a comparison table: for every budget point, the
 uniform frontier's metric linearly interpolated at the same measured speedup (and the best uniform
 point that is at least as fast). Writes ``<out>/<model>.json``, ``<out>/<model>.png`` and prints
@@ -10,7 +10,7 @@ the tables as markdown.
     python tools/bench_budget.py efficientnet-lite0 --out bench/budget --targets 1.2,1.5,2
 
 Every point's model is kept (``--keep``, default ``.cache/budget/<model>/``) and, after the sweep,
-timed again together with the original in one interleaved ``onnxlr.bench`` run (``--runs``
+timed again together with the original in one interleaved ``onnxlr.proof.bench`` run (``--runs``
 rounds, the threads of ``ONNXLR_BENCH_THREADS``), which gives each point a second measured
 speedup with its p10-p90 spread (``bench`` in the JSON); the load average is recorded next to it.
 For the real models every task metric of ``tools.real_models.tasks`` is kept per point
@@ -107,7 +107,7 @@ def keeping(evaluate, folder: Path, saved: list):
 
 
 def retime(original: Path, paths: list[Path], calib: Path, runs: int, int_range: tuple[int, int]) -> dict:
-    """One interleaved ``onnxlr.bench`` run of the original and ``paths`` at the calibration
+    """One interleaved ``onnxlr.proof.bench`` run of the original and ``paths`` at the calibration
     data's batch-1 shapes: per model median speedup with p10-p90, and the load average."""
     from onnxlr.budget import latency
     from onnxlr.proof.bench import bench
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
                    evaluate=evaluate, config=config)
     args.out.mkdir(parents=True, exist_ok=True)
     data = result.to_dict()
-    data["threads"] = __import__("onnxlr.latency", fromlist=["x"]).bench_threads()
+    data["threads"] = __import__("onnxlr.budget.latency", fromlist=["x"]).bench_threads()
     data["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     data["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     data["model_sha256"] = hashlib.sha256(Path(model).read_bytes()).hexdigest()

@@ -9,13 +9,13 @@ model within E.
    that applies (Tucker-2 and SVD/channel decomposition for KxK convs under ``method=auto``, SVD
    for 1x1 convs, Gemm and MatMul; CP when asked for), rounded to ``round_to`` as ``compress``
    does. Duplicates (same ranks) and chains that do not reduce MACs are dropped.
-2. **Cost** (:mod:`onnxlr.latency`): each candidate is timed as a one-node model against the
+2. **Cost** (:mod:`onnxlr.budget.latency`): each candidate is timed as a one-node model against the
    original layer at the layer's real input shape, interleaved, cached on disk. A candidate must be
    at least :data:`MIN_GAIN` faster than the layer it replaces, else it is dropped: no layer is
    ever replaced by a slower one, and a layer with no faster candidate stays as it is.
 3. **Damage** of a candidate, d:
    * with calibration data: the squared relative output error of the model with that one layer
-     replaced (factors refined on the data by :mod:`onnxlr.calibrate`, symmetric statistics) on
+     replaced (factors refined on the data by :mod:`onnxlr.calib.collect`, symmetric statistics) on
      :data:`DAMAGE_SAMPLES` calibration samples held out from the refinement: measured by one
      onnxruntime pass per candidate, or estimated from the candidate's layer-output error times
      the layer's sensitivity (one pass per layer), as the time allows (:mod:`onnxlr.budget.damage`).
