@@ -9,7 +9,6 @@
 """
 
 from onnxlr.model.edit import (
-    expose_outputs,
     fold_constant_weights,
     make_initializer,
     remove_unused_constants,
@@ -33,6 +32,7 @@ from onnxlr.model.query import (
     all_names,
     constants_in,
     count_uses,
+    expose_outputs,
     infer_shapes,
     iter_graphs,
     runtime_shapes,

@@ -15,7 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxlr.model.io import tensor_to_array
-from onnxlr.model.query import NameScope, all_names, constants_in, count_uses, iter_graphs
+from onnxlr.model.query import NameScope, all_names, constants_in, count_uses, expose_outputs, iter_graphs
 
 
 # Ops whose result on constants is exact (data movement, fills, dtype casts): evaluating them with
@@ -192,23 +192,6 @@ def make_initializer(name: str, array: np.ndarray, onnx_dtype: int) -> onnx.Tens
     np_dtype = onnx.helper.tensor_dtype_to_np_dtype(onnx_dtype)
     return numpy_helper.from_array(np.ascontiguousarray(array, dtype=np_dtype), name=name)
 
-
-
-def expose_outputs(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.ModelProto:
-    """A copy of ``model`` whose main graph also outputs ``tensors`` (name -> element type;
-    0 = look it up in value_info/inputs/outputs, else float). Names already outputs stay once."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph = copy.graph
-    declared = {o.name for o in graph.output}
-    known = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
-    for name, elem_type in tensors.items():
-        if name in declared:
-            continue
-        elem_type = elem_type or known.get(name) or onnx.TensorProto.FLOAT
-        graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
-        declared.add(name)
-    return copy
 
 
 def prune_to_outputs(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.ModelProto:

@@ -172,6 +172,23 @@ class NameScope:
 
 
 
+def expose_outputs(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` whose main graph also outputs ``tensors`` (name -> element type;
+    0 = look it up in value_info/inputs/outputs, else float). Names already outputs stay once."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    declared = {o.name for o in graph.output}
+    known = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    for name, elem_type in tensors.items():
+        if name in declared:
+            continue
+        elem_type = elem_type or known.get(name) or onnx.TensorProto.FLOAT
+        graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+        declared.add(name)
+    return copy
+
+
 def runtime_shapes(model: onnx.ModelProto, wanted: dict[str, int], feed: dict | None = None) -> dict[str, list[int]]:
     """Shapes onnxruntime really produces for the main-graph tensors ``wanted`` (name -> elem
     type), running the model once on ``feed``, or on zeros with a batch of 1.
@@ -198,13 +215,8 @@ def runtime_shapes(model: onnx.ModelProto, wanted: dict[str, int], feed: dict | 
     # small enough that this stays far below the compress step's own peak.
     if not wanted or model.ByteSize() > RUNTIME_SHAPES_MAX_BYTES or has_lazy_tensors(model):
         return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    declared = {o.name for o in probe.graph.output}
     names = list(wanted)
-    probe.graph.output.extend(
-        onnx.helper.make_tensor_value_info(n, wanted[n], None) for n in names if n not in declared
-    )
+    probe = expose_outputs(model, wanted)
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 4
