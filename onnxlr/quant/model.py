@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto
 
 from onnxlr.errors import OnnxlrError
+from onnxlr.model.query import iter_graphs
 
 #: Models at least this big (bytes) are written with external data, and quantized with
 #: ``use_external_data_format`` (protobuf cannot serialize 2 GiB).
@@ -63,18 +64,8 @@ def _is_external(tensor: TensorProto) -> bool:
     return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs(sub)
-
-
 def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    for g in _graphs(graph):
+    for g in iter_graphs(graph):
         yield from g.initializer
         for node in g.node:
             for attr in node.attribute:
@@ -170,7 +161,7 @@ def subgraph_layers(
         for attr in node.attribute:
             bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
             for body in bodies:
-                for g in _graphs(body):
+                for g in iter_graphs(body):
                     out += [
                         (n.name or n.op_type, n.op_type, node.name)
                         for n in g.node
