@@ -215,15 +215,21 @@ def check_model(model: onnx.ModelProto | str, where: str = "model") -> None:
         raise OnnxlrError(f"{where} fails onnx.checker: {text}; fix or re-export the model") from None
 
 
-def all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and all its subgraphs (If/Loop/Scan bodies), outermost first."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from all_initializers(attr.g)
+                yield from iter_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from all_initializers(g)
+                    yield from iter_graphs(g)
+
+
+def all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    for g in iter_graphs(graph):
+        yield from g.initializer
 
 
 # --- saving ---------------------------------------------------------------------------------

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from onnxlr.model.io import BIG_TENSOR_BYTES, has_lazy_tensors, tensor_to_array
+from onnxlr.model.io import BIG_TENSOR_BYTES, has_lazy_tensors, iter_graphs, tensor_to_array
 
 # Models above this size are not run by runtime_shapes (MACs then stay unknown where inference stops).
 RUNTIME_SHAPES_MAX_BYTES = 256 * 2**20
@@ -68,18 +67,6 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
         for init in graph.initializer:
             shapes[init.name] = list(init.dims)
     return shapes
-
-
-def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and all its subgraphs (If/Loop/Scan bodies), outermost first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_graphs(g)
 
 
 # --- constants ------------------------------------------------------------------------------
