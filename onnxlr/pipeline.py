@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,11 +34,14 @@ from onnxlr.decisions import Decision, rule_decisions
 from onnxlr.errors import OnnxlrError
 from onnxlr.layers import ConvLayer, conv_macs, linear_macs
 from onnxlr.methods.linalg import single_threaded_blas
+from onnxlr.model.edit import detach_weights
+from onnxlr.model.io import track_temp, untrack_temp
 from onnxlr.model.splice import splice
 from onnxlr.model.targets import Target, fill_runtime_shapes, find_targets, layer_macs
 from onnxlr.ranks import RankSpec
 from onnxlr.report.compress import CompressReport, LayerReport, format_ranks, human
 from onnxlr.report.progress import Progress
+from onnxlr.runtime import trim_heap
 
 log = logging.getLogger("onnxlr")
 
@@ -83,16 +87,26 @@ def compress_model(work: onnx.ModelProto, config: CompressConfig, *, check_outpu
         decisions = plan_decisions(work, targets, config, report)
     else:
         decisions = rule_decisions(targets, config)
-    calibrator = None
+    calibrator, prepared = None, {}
     if config.calib is not None and any(d.replacement is None for d in decisions):
         from onnxlr.calib.collect import Calibrator
 
-        calibrator = Calibrator(
-            work, [targets[d.index] for d in decisions], config.calib, config.calib_samples, config.calib_mode,
-            config.calib_mask, memory=config.calib_memory, stages=config.calib_stages,
-            whitened={id(targets[d.index]): methods.get(d.method).whitened for d in decisions})
+        by_target = {id(targets[d.index]): d for d in decisions}
+
+        def replacement_for(target):  # data-free factors, computed once: calibration sizes its statistics by them
+            if id(target) not in prepared:
+                prepared[id(target)] = factorize(target, by_target[id(target)].method, by_target[id(target)].ranks,
+                                                 config.round_to)
+            return prepared[id(target)][0]
+
+        with single_threaded_blas():
+            calibrator = Calibrator(
+                work, [targets[d.index] for d in decisions], config.calib, config.calib_samples, config.calib_mode,
+                config.calib_mask, memory=config.calib_memory, stages=config.calib_stages,
+                whitened={id(targets[d.index]): methods.get(d.method).whitened for d in decisions},
+                replacement_for=replacement_for)
     with single_threaded_blas():
-        apply_decisions(work, targets, decisions, config, report, calibrator)
+        apply_decisions(work, targets, decisions, config, report, calibrator, prepared)
     if calibrator is not None:
         report.model_notes.append(calibrator.summary())
     if not targets:
@@ -144,9 +158,11 @@ def sizing_feed(work: onnx.ModelProto, config: CompressConfig) -> dict | None:
     return next(iter(source), None)
 
 
-def apply_decisions(work, targets, decisions, config, report, calibrator=None) -> None:
+def apply_decisions(work, targets, decisions, config, report, calibrator=None, prepared=None) -> None:
     """Factorize (where no replacement is given), refine, check the MACs and splice, in graph
-    order; every target gets a row in the report."""
+    order; every target gets a row in the report. ``prepared``: id(target) -> (Replacement,
+    RankLog) already factorized (for the calibrator), used instead of factorizing again."""
+    prepared = {} if prepared is None else prepared
     by_index = {d.index: d for d in decisions}
     names = m.NameScope(m.all_names(work))
     opset = m.default_opset(work)
@@ -158,7 +174,8 @@ def apply_decisions(work, targets, decisions, config, report, calibrator=None) -
             report.layers.append(skipped_report(target, target.skip or "kept"))
             continue
         t0 = time.perf_counter()
-        layer_report = _apply_one(target, decision, config, names, opset, work.ir_version, calibrator)
+        layer_report = _apply_one(target, decision, config, names, opset, work.ir_version, calibrator,
+                                  prepared.pop(id(target), None))
         report.layers.append(layer_report)
         target.layer = None  # drop this weight's arrays now: peak memory stays near one model
         done += 1
@@ -174,10 +191,10 @@ def factorize(target: Target, method_name: str, ranks: RankSpec | dict, round_to
 
 
 def _apply_one(target: Target, decision: Decision, config: CompressConfig, names, opset: int, ir_version: int,
-               calibrator=None) -> LayerReport:
+               calibrator=None, prepared=None) -> LayerReport:
     replacement, raw = decision.replacement, None
     if replacement is None:
-        replacement, rank_log = factorize(target, decision.method, decision.ranks, config.round_to)
+        replacement, rank_log = prepared or factorize(target, decision.method, decision.ranks, config.round_to)
         replacement.notes.extend(decision.notes + rank_log.notes)
         raw = rank_log.raw
         macs_before, macs_after = layer_macs(target, replacement, nominal=True)
@@ -187,10 +204,12 @@ def _apply_one(target: Target, decision: Decision, config: CompressConfig, names
                 f"({human(macs_before)} -> {human(macs_after)} per sample); use --force to replace anyway"))
         if calibrator is not None:  # data-aware factor values at the same ranks (onnxlr.calib)
             replacement = calibrator.refine(target, replacement)
+        if config.quantize is not None:  # a budget's replacements come balanced: it measured them so
+            from onnxlr.quant import balance_replacement
+
+            replacement = balance_replacement(replacement)
     else:
         replacement.notes.extend(decision.notes)
-    if config.quantize is not None and len(replacement.steps) > 1:
-        replacement = balance_for_int8(replacement)
     original = target.layer.weight
     macs_before, macs_after = layer_macs(target, replacement)
     error = replacement.weight_rel_error
@@ -207,22 +226,6 @@ def _apply_one(target: Target, decision: Decision, config: CompressConfig, names
     target.layer = None  # the original weight is not needed to splice: free it first (peak memory)
     splice(target, replacement, names, opset, ir_version)
     return report
-
-
-def balance_for_int8(replacement):
-    """The replacement with its factors balanced (same product; onnxlr.quant.balance_chain) and a
-    note of the worst per-channel range spread before and after."""
-    from onnxlr.quant import balance_chain, chain_ranges
-
-    def spread(steps) -> float:
-        return max(max(r.out_spread, r.in_spread) for r in chain_ranges(steps))
-
-    before = spread(replacement.steps)
-    steps = balance_chain(replacement.steps)
-    after = spread(steps)
-    balanced = replace(replacement, steps=steps, notes=list(replacement.notes))
-    balanced.notes.append(f"factors balanced for int8: channel range spread {before:.3g} -> {after:.3g}")
-    return balanced
 
 
 def skipped_report(target: Target, reason: str) -> LayerReport:
@@ -280,10 +283,49 @@ def compress_file(
     # External weights stay on disk (memory-mapped when factorized, streamed when saved), and the
     # model is compressed in place: peak memory stays well under the model's size.
     model = m.load_model(input_path, data_files=data_files, lazy_external=True)
-    compressed, report = compress_model(model, config, check_output=False, float_path=float_path)
-    del model
-    if external_data is None and data_files:
-        external_data = True  # the input kept its weights beside it: so does the output
+    weights_file = None
+    if _calibrating_lazily(model, config):
+        # Calibration runs the model in passes while it is compressed: with its weights in a
+        # temporary file, memory-mapped, they are not held twice (a numpy array per layer beside
+        # the protobuf's bytes; VGG-16: 553 MB more at every pass).
+        weights_file = _temp_weights_file()
+        model = detach_weights(model, weights_file)
+        trim_heap()
+    try:
+        compressed, report = compress_model(model, config, check_output=False, float_path=float_path)
+        del model
+        if external_data is None and data_files:
+            external_data = True  # the input kept its weights beside it: so does the output
+        if weights_file is not None and not external_data:
+            m.materialize_external(compressed)  # the model returned must not refer to the temporary file
+        _save_and_check(compressed, input_path, output_path, external_data, data_files, report, report_path)
+    finally:
+        if weights_file is not None:
+            Path(weights_file).unlink(missing_ok=True)
+            untrack_temp(weights_file)
+    return compressed, report
+
+
+#: An inline model at least this big is calibrated with its weights in a temporary file.
+DETACH_BYTES = 64 * 2**20
+
+
+def _calibrating_lazily(model: onnx.ModelProto, config: CompressConfig) -> bool:
+    """Whether to move the weights of ``model`` to a temporary file before compressing it: an inline
+    model of DETACH_BYTES or more, calibrated without a budget or quantization (those run the
+    model in memory)."""
+    return (config.calib is not None and not config.budgeted and config.quantize is None
+            and not m.has_lazy_tensors(model) and model.ByteSize() >= DETACH_BYTES)
+
+
+def _temp_weights_file() -> str:
+    fd, path = tempfile.mkstemp(prefix=".onnxlr-weights-", suffix=".data")
+    os.close(fd)
+    track_temp(path)  # an interruption removes it
+    return path
+
+
+def _save_and_check(compressed, input_path, output_path, external_data, data_files, report, report_path) -> None:
     replacing_input = output_path.exists() and os.path.samefile(input_path, output_path)
     protected = () if replacing_input else data_files  # --overwrite may replace the input's data
     m.save_model_atomic(compressed, output_path, external_data=external_data, protected=protected)
@@ -292,7 +334,6 @@ def compress_file(
     onnx.checker.check_model(str(output_path), full_check=True)
     if report_path is not None:
         m.write_text_atomic(Path(report_path), report.to_json())
-    return compressed, report
 
 
 def _check_output_path(input_path: Path, output_path: Path, overwrite: bool) -> None:

@@ -137,3 +137,36 @@ def test_auto_uses_full_passes_when_they_fit(tmp_path, monkeypatch):
     assert _plan(tmp_path).damage["estimator"] == "full"
     monkeypatch.setattr(damage, "FULL_PASS_BUDGET_S", 0.0)
     assert _plan(tmp_path).damage["estimator"] == "sensitivity"
+
+
+def test_without_a_bound_the_sensitivity_passes_keep_to_the_default_budget_on_fewer_samples(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    plan = _plan(tmp_path, damage="sensitivity")
+    assert "sensitivity_samples" not in plan.damage  # its passes fit: every damage sample
+    monkeypatch.setattr(damage, "FULL_PASS_BUDGET_S", 1e-6)
+    plan = _plan(tmp_path, damage="sensitivity")
+    assert plan.damage["samples"] > damage.MIN_SENSITIVITY_SAMPLES
+    assert plan.damage["sensitivity_samples"] == damage.MIN_SENSITIVITY_SAMPLES
+    assert plan.damage["estimator"] == "sensitivity"
+    assert all(c.damage is not None for lp in plan.layers for c in lp.usable())
+
+
+def test_the_plan_time_bound_does_not_count_the_one_off_calibration_pass_as_a_per_layer_cost(tmp_path, monkeypatch):
+    """A slow calibration pass (3 s, run when the first layer's statistics are due) inside a 5 s
+    --plan-time bound: the layers' own refinement and passes still fit, so the sensitivity
+    estimator is kept (extrapolating the pass over the 3 layers would predict 9 s and switch)."""
+    from onnxlr.calib.collect import Calibrator
+
+    plan_for = Calibrator.plan_for
+    slow = []
+
+    def slow_first(self, target):
+        if not slow:
+            slow.append(time.sleep(3.0))
+        return plan_for(self, target)
+
+    monkeypatch.setattr(Calibrator, "plan_for", slow_first)
+    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    plan = _plan(tmp_path, damage="sensitivity", plan_time=5.0)
+    assert plan.damage["calibration_pass_s"] >= 3.0
+    assert "switched" not in plan.damage and plan.damage["estimator"] == "sensitivity"

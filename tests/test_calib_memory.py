@@ -17,51 +17,76 @@ from onnxlr.calib import fit
 from onnxlr.cli import main
 
 
-def _two_branch_model(rng) -> onnx.ModelProto:
-    """x [n, 5000] -> Gemm (5000 -> 16): wider than the reduced-basis threshold;
-    img [n, 256, 6, 6] -> Conv 3x3 (256 -> 32): its patch is 2304 wide."""
+def _three_branch_model(rng) -> onnx.ModelProto:
+    """x [n, 5000] -> Gemm (5000 -> 16): wider than the reduced-basis threshold, one row per sample;
+    img [n, 256, 6, 6] -> Conv 3x3 (256 -> 32): its patch is 2304 wide;
+    seq [n, 64, 600] -> MatMul (600 -> 16): 64 rows per sample."""
     w = (rng.standard_normal((5000, 16)) * 0.02).astype(np.float32)
     k = (rng.standard_normal((32, 256, 3, 3)) * 0.02).astype(np.float32)
+    m = (rng.standard_normal((600, 16)) * 0.05).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Gemm", ["x", "W"], ["y"], name="fc"),
-         helper.make_node("Conv", ["img", "K"], ["z"], name="conv", pads=[1, 1, 1, 1])],
-        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5000]),
-                helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", 256, 6, 6])],
+         helper.make_node("Conv", ["img", "K"], ["z"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("MatMul", ["seq", "M"], ["s"], name="mm")],
+        "three", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5000]),
+                  helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", 256, 6, 6]),
+                  helper.make_tensor_value_info("seq", TensorProto.FLOAT, ["n", 64, 600])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 32, 6, 6])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(k, "K")])
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 32, 6, 6]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, ["n", 64, 16])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(k, "K"), numpy_helper.from_array(m, "M")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
 
 
-def test_layers_over_the_memory_bound_use_a_reduced_basis_or_stay_data_free(tmp_path):
+def test_layers_over_the_memory_bound_use_a_bounded_method_or_stay_data_free(tmp_path, monkeypatch):
+    from onnxlr.calib import collect
+
+    monkeypatch.setattr(collect, "WIDE_INPUT", 512)  # the MatMul's 600 inputs count as wide
+    monkeypatch.setattr(collect, "REDUCED_BASIS", 128)
     rng = np.random.default_rng(0)
-    onnx.save(_two_branch_model(rng), tmp_path / "m.onnx")
+    onnx.save(_three_branch_model(rng), tmp_path / "m.onnx")
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((30, 5000)).astype(np.float32),
-             img=rng.standard_normal((30, 256, 6, 6)).astype(np.float32))
+             img=rng.standard_normal((30, 256, 6, 6)).astype(np.float32),
+             seq=rng.standard_normal((30, 64, 600)).astype(np.float32))
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     assert main(["compress", str(tmp_path / "m.onnx"), "-o", str(out), "--rank", "0.25", "--calib",
                  str(tmp_path / "calib.npz"), "--calib-memory", "100M", "--report", str(rep)]) == 0
     report = json.loads(rep.read_text())
     notes = {row["name"]: " ".join(row["notes"]) for row in report["layers"]}
-    assert "reduced basis of 1024 of 5000 inputs" in notes["fc"]  # Gemm: whitened SVD in the basis
-    assert "over the 100 MB bound (--calib-memory); data-free factors kept" in notes["conv"]  # tucker: full stats
+    # 30 rows for 5000 inputs: the rows themselves are the exact statistics (4.8 MB, not 4 x 200 MB)
+    assert "statistics: its 30 calibration rows themselves" in notes["fc"]
+    # Tucker-2 keeps U_in: its statistics are those of U_in^T-projected patches, 64 x 9 of 2304 wide
+    assert "projected on the chain's 576 of 2304 inputs" in notes["conv"]
+    # 1920 rows for 600 inputs, wider than the (patched) threshold: W's leading directions
+    assert "reduced basis of 128 of 600 inputs" in notes["mm"]
+    for name in ("fc", "conv", "mm"):
+        assert "calib: held-out output error" in notes[name] or "calib: data-free factors kept (held-out" in notes[name]
     assert any("statistics bound 100 MB" in n and "1 wide layer(s) in a reduced basis" in n for n in report["notes"])
+    onnx.checker.check_model(str(out), full_check=True)
+
+    # Under 1 MB none fits: every layer keeps its data-free factors, and the report says why
+    assert main(["compress", str(tmp_path / "m.onnx"), "-o", str(out), "--rank", "0.25", "--calib",
+                 str(tmp_path / "calib.npz"), "--calib-memory", "1M", "--report", str(rep), "--overwrite"]) == 0
+    notes = {row["name"]: " ".join(row["notes"]) for row in json.loads(rep.read_text())["layers"]}
+    for name in ("fc", "conv", "mm"):
+        assert "over the 1 MB bound (--calib-memory); data-free factors kept" in notes[name], notes[name]
     onnx.checker.check_model(str(out), full_check=True)
 
 
 def test_out_of_memory_is_one_line_and_writes_nothing(tmp_path):
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((4000, 64)) * 0.02).astype(np.float32)  # 4000 wide: full statistics, 122 MiB each
+    # (64 rows per sample, 2048 in all: too many to keep the rows themselves)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], "m",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4000])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64, 4000])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64, 64])],
                               [numpy_helper.from_array(w, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, tmp_path / "wide.onnx")
-    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((50, 4000)).astype(np.float32))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 64, 4000)).astype(np.float32))
     out = tmp_path / "out.onnx"
 
     def limit():  # 1.4 GB of address space: the statistics a 64 GB bound allows do not fit
@@ -105,11 +130,38 @@ def test_reduced_basis_whitening_matches_full_moments(k):
     reduced.add(x)
     for rank in (5, 20):
         p, q, nb = fit.whitened_svd(w, b, full, rank, True)
-        p2, q2, nb2 = fit.reduced_whitened_svd(w, b, reduced, rank, True)
+        low, nb2 = fit.reduced_whitened_svd(w, b, reduced, rank, True)
+        p2, q2 = low.p, low.q
         exact, approx = fit.relative_error(w, b, q @ p, nb, full), fit.relative_error(w, b, q2 @ p2, nb2, full)
         assert approx <= exact * (1 + (1e-9 if k == n else 1e-3))
         estimate = np.sqrt(np.divide(*reduced.output_error(w, b, q2 @ p2, nb2)))
         assert estimate == pytest.approx(approx, rel=1e-3)
+
+
+@pytest.mark.parametrize("t", [40, 500])  # a wide W (T < n) and a tall one
+@pytest.mark.parametrize("fit_bias", [True, False])
+def test_wide_fits_work_on_float32_blocks_and_their_errors_on_the_factors(t, fit_bias, monkeypatch):
+    """A wide layer's fit reads its float32 W in column blocks (no float64 copy of W) and its errors
+    come from the factors (no T x n product): both equal the dense float64 computation."""
+    monkeypatch.setattr(fit, "_BLOCK", 64)  # several blocks on this small W
+    rng = np.random.default_rng(1)
+    n = 300
+    weight = rng.standard_normal((n, t)).astype(np.float32)  # a linear layer's [n, T]
+    w32, w64 = weight.T, weight.T.astype(np.float64)
+    b = rng.standard_normal(t)
+    x = rng.standard_normal((3000, n)) @ np.diag(np.linspace(3, 0.1, n)) + 0.5
+    moments = [fit.ReducedMoments(fit.reduced_basis(w, 120), shared={}) for w in (w32, w64)]
+    for m in moments:
+        m.add(x)
+    np.testing.assert_allclose(moments[0].basis @ moments[0].basis.T, moments[1].basis @ moments[1].basis.T, atol=1e-8)
+    for shrink in (0.0, 0.3):
+        (low, nb), (low2, nb2) = (fit.reduced_whitened_svd(w, b, m, 30, fit_bias, shrink=shrink)
+                                  for w, m in zip((w32, w64), moments))
+        np.testing.assert_allclose(low.dense(), low2.dense(), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(nb, nb2, rtol=1e-6, atol=1e-9)
+        dense = moments[1].output_error(w64, b, low2.dense(), nb2)
+        for factored in (low, fit.LowRank(low.q, low.p)):  # its projection form, and plain factors
+            np.testing.assert_allclose(moments[0].output_error(w32, b, factored, nb), dense, rtol=1e-7)
 
 
 def test_a_stacked_npz_is_read_in_chunks_not_whole(tmp_path, monkeypatch):

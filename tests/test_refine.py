@@ -210,3 +210,91 @@ def test_every_candidate_of_a_layer_shares_one_eigendecomposition(monkeypatch):
     m.add(x_o[:50], x_o[:50])  # new rows: decomposed afresh
     refine.whitened_svd(w, b, m, 3, fit_bias=True)
     assert len(calls) == 3
+
+
+# --- projected statistics: exact for the methods that keep their first factors -----------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from onnxlr import methods  # noqa: E402
+from onnxlr.calib.collect import refine_replacement  # noqa: E402
+from onnxlr.layers import ConvLayer  # noqa: E402
+from onnxlr.methods.base import layer_matrices  # noqa: E402
+from onnxlr.ranks import RankSpec  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(method=st.sampled_from(["tucker", "cp", "spatial-svd"]), group=st.sampled_from([1, 2]),
+       kernel=st.sampled_from([(3, 3), (3, 1), (2, 3), (1, 3)]), fraction=st.sampled_from([0.25, 0.5, 1.0]),
+       paired=st.booleans(), fit_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_projected_statistics_give_the_fit_of_full_statistics(method, group, kernel, fraction, paired, fit_bias, seed):
+    """Tucker-2, CP and spatial SVD refit only what follows their first factors: calibration keeps
+    the moments of P x (P: those factors' row space) instead of n x n ones, and must get the same
+    refit, the same held-out errors and the same choice (to float64 round-off)."""
+    rng = np.random.default_rng(seed)
+    s_in, t_out = 8, 12
+    layer = ConvLayer(rng.standard_normal((t_out, s_in // group, *kernel)).astype(np.float32),
+                      rng.standard_normal(t_out).astype(np.float32), group, (1, 1), (1, 1), (0, 0, 0, 0))
+    chosen = methods.get(method)
+    if chosen.check(layer) is not None:
+        return
+    replacement, _ = chosen.factorize(layer, RankSpec("fraction", fraction), 1)
+    weights, spaces = layer_matrices(layer), chosen.input_space(layer, replacement)
+    n = weights[0].shape[1]
+    full = [[refine.Moments(n, paired) for _ in range(group)] for _ in range(2)]
+    projected = [[refine.ProjectedMoments(p, w, paired) for p, w in zip(spaces, weights)] for _ in range(2)]
+    for part in range(2):
+        for gi in range(group):
+            x_o = anisotropic_inputs(300 if part == 0 else 80, n, rng, mean=0.5)
+            x_c = x_o + 0.3 * rng.standard_normal(x_o.shape)
+            for moments in (full[part][gi], projected[part][gi]):
+                moments.add(x_c, x_o if paired else None)
+    bias = layer.bias if fit_bias else None
+    results = [refine_replacement(layer, bias, fit_bias, replacement, *stats, errors=(errors := {})) + (errors,)
+               for stats in (full, projected)]
+    (new_full, note_full, err_full), (new_proj, note_proj, err_proj) = results
+    assert spaces[0].shape[0] <= n
+    np.testing.assert_allclose(new_proj.low_rank_weight(), new_full.low_rank_weight(), rtol=1e-7, atol=1e-9)
+    assert err_proj["before"] == pytest.approx(err_full["before"], rel=1e-7, abs=1e-6)
+    assert err_proj["after"] == pytest.approx(err_full["after"], rel=1e-7, abs=1e-6)
+    assert note_proj.split("(")[0] == note_full.split("(")[0]
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_errors_of_factored_maps_equal_those_of_their_product(paired):
+    """Whitened fits are scored as their factors Q P (never T x n in float64): the same errors."""
+    rng = np.random.default_rng(3)
+    n, t, r = 40, 30, 7
+    x_o = anisotropic_inputs(500, n, rng, mean=0.3)
+    moments = moments_of(x_o + 0.1 * rng.standard_normal(x_o.shape), x_o if paired else None)
+    w, b = rng.standard_normal((t, n)), rng.standard_normal(t)
+    q, p, b_new = rng.standard_normal((t, r)), rng.standard_normal((r, n)), rng.standard_normal(t)
+    for bias in (b, None):
+        dense = refine.output_error(w, bias, q @ p, b_new, moments)
+        factored = refine.output_error(w, bias, refine.LowRank(q, p), b_new, moments)
+        np.testing.assert_allclose(factored, dense, rtol=1e-10)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize("fit_bias", [False, True])
+@pytest.mark.parametrize("shrink", [0.0, 0.4])
+def test_few_rows_kept_themselves_give_the_fit_of_full_moments(paired, fit_bias, shrink):
+    """A layer with fewer rows than inputs keeps the rows (RowMoments): the same whitened fit, bias
+    and output errors as n x n moments, at every paired ridge."""
+    rng = np.random.default_rng(4)
+    n, t, rows = 200, 60, 40
+    x_o = rng.standard_normal((rows, n)) @ rng.standard_normal((n, n)) * 0.1 + 0.3
+    x_c = x_o + 0.2 * rng.standard_normal(x_o.shape)
+    w, b = rng.standard_normal((t, n)).astype(np.float32), rng.standard_normal(t)
+    full, kept = refine.Moments(n, paired), refine.RowMoments(n, paired)
+    for moments in (full, kept):
+        for start in range(0, rows, 15):
+            moments.add(x_c[start : start + 15], x_o[start : start + 15] if paired else None)
+    for ridge in refine.PAIRED_RIDGES:
+        p, q, new_bias = refine.whitened_svd(w.T.T, b, full, 10, fit_bias, paired_ridge=ridge, shrink=shrink)
+        low, new_bias2 = refine.rows_whitened_svd(w.T.T, b, kept, 10, fit_bias, paired_ridge=ridge, shrink=shrink)
+        np.testing.assert_allclose(low.dense(), q @ p, rtol=1e-9, atol=1e-9 * np.abs(q @ p).max())
+        np.testing.assert_allclose(new_bias2, new_bias, rtol=1e-9, atol=1e-9)
+        expected = refine.output_error(w, b, q @ p, new_bias, full)
+        np.testing.assert_allclose(refine.output_error(w, b, low, new_bias2, kept), expected, rtol=1e-9)

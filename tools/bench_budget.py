@@ -15,6 +15,14 @@ rounds, the threads of ``ONNXLR_BENCH_THREADS``), which gives each point a secon
 speedup with its p10-p90 spread (``bench`` in the JSON); the load average is recorded next to it.
 For the real models every task metric of ``tools.real_models.tasks`` is kept per point
 (``metrics``), so the evaluation suite can plot the budget frontier in its own primary metric.
+
+``--int8`` adds a second sweep planned for the int8 model (``compress --quantize int8``: static
+QDQ, per-channel, calibrated on the same ``--calib`` samples), whose points go into the same JSON
+with kinds ``int8-budget`` (the int8-aware budget), ``int8-uniform`` (uniform ranks, then int8) and
+``int8-original`` (the original quantized); with the fp32 ``budget`` points these are the four
+curves, all re-timed in the one interleaved run, speedups against the fp32 original::
+
+    python tools/bench_budget.py digits --int8 --targets 2,3 --uniform 0.25,0.5 --out bench/budget
 """
 
 from __future__ import annotations
@@ -35,8 +43,8 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxlr.pipeline import CompressConfig
 from onnxlr.budget.sweep import parse_floats, sweep
+from onnxlr.pipeline import CompressConfig
 
 REAL = ROOT / ".cache" / "real-models"
 log = logging.getLogger("bench_budget")
@@ -148,17 +156,18 @@ def add_macs(data: dict, folder: Path, calib: Path) -> None:
         p["macs"] = m
 
 
-def compare(result: dict, timing: str = "sweep") -> list[dict]:
+def compare(result: dict, timing: str = "sweep", prefix: str = "") -> list[dict]:
     """Per budget point: uniform metric interpolated at the same measured speedup, and the best
     uniform point at least as fast. ``timing``: "sweep" (the solver's own end-to-end check) or
-    "bench" (the re-timing of all points in one interleaved run)."""
+    "bench" (the re-timing of all points in one interleaved run). ``prefix`` "int8-": the int8
+    sweep's points."""
 
     def speed(p):
         return p["bench"]["speedup"] if timing == "bench" else p["measured_speedup"]
 
-    uni = sorted((p for p in result["points"] if p["kind"] == "uniform"), key=speed)
+    uni = sorted((p for p in result["points"] if p["kind"] == prefix + "uniform"), key=speed)
     rows = []
-    for p in sorted((p for p in result["points"] if p["kind"] == "budget"), key=lambda p: p["setting"]):
+    for p in sorted((p for p in result["points"] if p["kind"] == prefix + "budget"), key=lambda p: p["setting"]):
         s = speed(p)
         xs = [speed(u) for u in uni]
         interp = None
@@ -166,7 +175,7 @@ def compare(result: dict, timing: str = "sweep") -> list[dict]:
             interp = float(np.interp(s, xs, [u["metric"] for u in uni]))
         faster = [u for u in uni if speed(u) >= s and u["metric"] is not None]
         best = max(faster, key=lambda u: u["metric"]) if faster else None
-        rows.append({"timing": timing, "target": p["setting"], "predicted": p["predicted_speedup"], "measured": s,
+        rows.append({"timing": timing, "kind": p["kind"], "target": p["setting"], "predicted": p["predicted_speedup"], "measured": s,
                      "within_15pct": abs(s - p["predicted_speedup"]) <= 0.15 * p["predicted_speedup"],
                      "at_or_above_target": s >= p["setting"], "error": p["error"], "metric": p["metric"],
                      "uniform_interp_metric": interp,
@@ -189,7 +198,8 @@ def markdown(name: str, result: dict, rows: list[dict]) -> str:
            "| kind | setting | layers | MACs | predicted | measured (sweep) | re-timed (p10-p90) | output error | metric |",
            "|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
-        setting = f"{p['setting']:g}x" if p["kind"] == "budget" else f"rank {p['setting']:g}"
+        setting = (f"{p['setting']:g}x" if p["kind"].endswith("budget") else
+                   f"rank {p['setting']:g}" if p["kind"].endswith("uniform") else "-")
         pred = f"{p['predicted_speedup']:.2f}x" if p["predicted_speedup"] else "-"
         pb = p.get("bench")
         rt = f"{pb['speedup']:.2f}x ({pb['speedup_p10']:.2f}-{pb['speedup_p90']:.2f})" if pb else "-"
@@ -198,6 +208,9 @@ def markdown(name: str, result: dict, rows: list[dict]) -> str:
         out.append(f"| {p['kind']} | {setting} | {p['layers_replaced']} | {macs} | {pred} | "
                    f"{p['measured_speedup']:.2f}x | {rt} | {p['error']:.4f} | {p['metric']:.4f} |")
     tables = [("sweep", rows)] + ([("re-timed", compare(result, "bench"))] if b else [])
+    if any(p["kind"] == "int8-budget" for p in result["points"]):
+        tables += [("int8 sweep", compare(result, "sweep", "int8-"))]
+        tables += [("int8 re-timed", compare(result, "bench", "int8-"))] if b else []
     for what, rs in tables:
         out += ["", f"Speedups {what}:", "",
                 ("| target | predicted | measured | error | within 15% | >= target | budget metric "
@@ -230,6 +243,12 @@ def main(argv=None) -> int:
     p.add_argument("--int-range", default=None,
                    help="LO:HI, integer inputs of the re-timing (default 0:2 for all-minilm-l6-v2, else 0:100)")
     p.add_argument("--render", action="store_true", help="only rewrite <out>/<name>.md from <out>/<name>.json")
+    p.add_argument("--int8", action="store_true",
+                   help="also sweep planned for int8 (--quantize int8): int8-budget, int8-uniform and int8-original "
+                        "points in the same JSON and re-timing")
+    p.add_argument("--int8-targets", default=None,
+                   help="targets of the int8 sweep, against the fp32 original (default: --targets); the int8 "
+                        "original alone is already a speedup, so the targets worth planning lie above it")
     args = p.parse_args(argv)
     if args.render:
         tag = args.name + ("-datafree" if args.data_free else "")
@@ -271,8 +290,32 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     result = sweep(str(model), parse_floats(args.targets, "--targets"), uniform=parse_floats(args.uniform, "--uniform"),
                    evaluate=evaluate, config=config)
+    int8_result = None
+    if args.int8:
+        from dataclasses import replace
+
+        from onnxlr.quant import QuantizeConfig
+
+        n_fp32 = len(saved)
+        int8_result = sweep(str(model), parse_floats(args.int8_targets or args.targets, "--int8-targets"),
+                            uniform=parse_floats(args.uniform, "--uniform"), evaluate=evaluate,
+                            config=replace(config, quantize=QuantizeConfig()))
+        # the int8 sweep evaluated the fp32 original again: one copy of its model and metrics
+        saved.pop(n_fp32).unlink()
+        if len(records) > n_fp32:
+            records.pop(n_fp32)
+        for i, path in enumerate(saved):  # point_NN in order again, for add_macs
+            if path.name != f"point_{i:02d}.onnx":
+                saved[i] = path.rename(path.with_name(f"point_{i:02d}.onnx"))
     args.out.mkdir(parents=True, exist_ok=True)
     data = result.to_dict()
+    if int8_result is not None:
+        extra = int8_result.to_dict()
+        for p in extra["points"]:
+            p["kind"] = "int8-" + p["kind"]
+        data["points"] += extra["points"]
+        data["int8"] = {k: extra[k] for k in ("precision", "baseline_ms", "plan_seconds", "seconds", "damage",
+                                              "timings")}
     data["threads"] = __import__("onnxlr.budget.latency", fromlist=["x"]).bench_threads()
     data["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     data["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -289,8 +332,13 @@ def main(argv=None) -> int:
     add_macs(data, args.keep or ROOT / ".cache" / "budget" / tag, Path(calib))
     rows = compare(data)
     data["comparison"] = rows
+    if int8_result is not None:
+        data["comparison_int8"] = compare(data, prefix="int8-")
     (args.out / f"{tag}.json").write_text(json.dumps(data, indent=2))
     result.plot(args.out / f"{tag}_frontier.png", title=f"{args.name}: budgeted allocation vs uniform rank")
+    if int8_result is not None:
+        int8_result.plot(args.out / f"{tag}_int8_frontier.png",
+                         title=f"{args.name}: int8-aware budget vs uniform rank + int8")
     md = markdown(tag, data, rows)
     (args.out / f"{tag}.md").write_text(md + "\n")
     print(md)

@@ -191,7 +191,8 @@ def evaluate(lay: dict) -> dict:
         return fit.whitened_svd(w, b, moments, rank, fit_bias, shrink=shrink)
 
     def reduced(moments, shrink):
-        return fit.reduced_whitened_svd(w, b, moments, rank, fit_bias, shrink=shrink)
+        low, new_bias = fit.reduced_whitened_svd(w, b, moments, rank, fit_bias, shrink=shrink)
+        return low.p, low.q, new_bias
 
     plain, best = _best(full, w, b, lay["fit"], held, fit_bias)
     _, best32 = _best(full, w, b, lay["f32"].as_moments(), held, fit_bias)

@@ -182,13 +182,15 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
 # ----------------------------------------------------------------------------- budget frontier
 BUDGET_DIR = ROOT / "docs" / "budget"
 # per model: tools/bench_budget.py name, target speedups it can reach, uniform rank fractions
-BUDGET: dict[str, dict] = {
-    "digits_vgg": {"name": "digits", "targets": "1.5,2,3,5,8", "uniform": "0.125,0.25,0.5", "calib_samples": 32},
-    "efficientnet-lite0": {"name": "efficientnet-lite0", "targets": "1.05,1.1,1.2", "uniform": "0.5,0.75"},
+BUDGET: dict[str, dict] = {  # int8_targets: the int8-aware budget's, against the fp32 original
+    "digits_vgg": {"name": "digits", "targets": "1.5,2,3,5,8", "uniform": "0.125,0.25,0.5", "calib_samples": 32,
+                   "int8_targets": "4,5,6,8"},
+    "efficientnet-lite0": {"name": "efficientnet-lite0", "targets": "1.05,1.1,1.2", "uniform": "0.5,0.75",
+                           "int8_targets": "1.5,2,2.5"},
     "ppocr-v6-rec": {"name": "ppocr-v6-rec", "targets": "1.1,1.2,1.3,1.5",
-                     "uniform": "0.25,0.375,0.5,0.625,0.75"},
+                     "uniform": "0.25,0.375,0.5,0.625,0.75", "int8_targets": "1.8,2,2.2"},
     "all-minilm-l6-v2": {"name": "all-minilm-l6-v2", "targets": "1.1,1.2,1.3,1.5",
-                         "uniform": "0.25,0.375,0.5,0.625,0.75"},
+                         "uniform": "0.25,0.375,0.5,0.625,0.75", "int8_targets": "1.5,2,2.5"},
 }
 
 
@@ -196,7 +198,7 @@ def budget_file(model: str, folder: Path = BUDGET_DIR) -> Path:
     return folder / f"{BUDGET[model]['name']}.json" if model in BUDGET else folder / f"{model}.json"
 
 
-def run_budget(model: str, folder: Path = BUDGET_DIR) -> None:
+def run_budget(model: str, folder: Path = BUDGET_DIR, int8: bool = True) -> None:
     """``tools/bench_budget.py`` for one model with its ``BUDGET`` settings."""
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_budget
@@ -205,6 +207,8 @@ def run_budget(model: str, folder: Path = BUDGET_DIR) -> None:
     argv = [b["name"], "--out", str(folder), "--targets", b["targets"], "--uniform", b["uniform"]]
     if "calib_samples" in b:
         argv += ["--calib-samples", str(b["calib_samples"])]
+    if int8 and "int8_targets" in b:  # the four curves: fp32 budget, int8 original, uniform + int8, int8 budget
+        argv += ["--int8", "--int8-targets", b["int8_targets"]]
     bench_budget.main(argv)
 
 
@@ -226,14 +230,14 @@ def budget_points(res: dict, folder: Path = BUDGET_DIR) -> dict | None:
             return p["metrics"][key]
         return p.get("metric") if primary_is_single else None
 
-    rows = {"budget": [], "uniform": []}
+    rows = {kind: [] for kind in BUDGET_KINDS}
     for p in data["points"]:
         m = metric(p)
         if m is None:
             return None
         b = p.get("bench")
         rows[p["kind"]].append({
-            "label": f"budget {p['setting']:g}x" if p["kind"] == "budget" else f"uniform {p['setting']:g} +calib",
+            "label": _budget_label(p),
             "setting": p["setting"], "layers": p["layers_replaced"], "macs_fraction": p["macs_fraction"],
             "macs_fewer": data["baseline_macs"] / p["macs"] if p.get("macs") and data.get("baseline_macs") else None,
             "predicted": p.get("predicted_speedup"), "sweep_speedup": p["measured_speedup"],
@@ -251,6 +255,18 @@ def budget_points(res: dict, folder: Path = BUDGET_DIR) -> dict | None:
         "retime_load_average": (data.get("bench") or {}).get("load_average"),
         "seconds": data.get("seconds"),
         "same_model": None if sha is None else sha == res["baseline"].get("sha256")}}
+
+
+#: Kinds of bench_budget points, in table order: the fp32 budget and uniform sweep, then (``--int8``)
+#: the int8 original, uniform ranks + int8 and the int8-aware budget; speedups against the fp32 original.
+BUDGET_KINDS = ("budget", "uniform", "int8-original", "int8-uniform", "int8-budget")
+
+
+def _budget_label(p: dict) -> str:
+    kind, setting = p["kind"], p["setting"]
+    return {"budget": f"budget {setting:g}x", "uniform": f"uniform {setting:g} +calib",
+            "int8-original": "int8 original", "int8-uniform": f"uniform {setting:g} +calib, int8",
+            "int8-budget": f"int8-aware budget {setting:g}x, int8"}[kind]
 
 
 def _budget_metric(model: str) -> tuple[str, str]:
@@ -589,7 +605,10 @@ def budget_table(res: dict) -> list[str]:
                  "`sweep` is the solver's own check)" if meta["retimed"] else "")
               + ". Output error: relative L2 on calibration samples held out from the refinement (of the "
                 "logits, for a Softmax output). Budget rows are a separate sweep from the grid above: compare "
-                "speedups within this table."),
+                "speedups within this table."
+              + (" int8 rows (`tools/bench_budget.py --int8`): onnxruntime static QDQ, per-channel, calibrated on "
+                 "the same samples; the int8-aware budget plans on int8 timings and damages; speedups and errors "
+                 "against the fp32 original." if bp["int8-original"] else "")),
              ""]
     if meta["same_model"] is False:
         lines += ["**The sweep was measured on a different model file than the rows above: rerun it.**", ""]
@@ -597,7 +616,7 @@ def budget_table(res: dict) -> list[str]:
     head = ["setting", "layers replaced", "MACs", "predicted", "sweep", "speedup (p10-p90)",
             "output error (held-out calib)", key, "delta"] + extra
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for kind in ("budget", "uniform"):
+    for kind in BUDGET_KINDS:
         for r in bp[kind]:
             sp = (f"{r['speedup']:.2f}x ({r['p10']:.2f}-{r['p90']:.2f})" if r["p10"] is not None
                   else f"{r['speedup']:.2f}x")
@@ -679,7 +698,10 @@ def plot_model(res: dict, path: Path) -> None:
     bp = budget_points(res)
     if bp is not None:
         for kind, style, color, name in (("budget", "D-", "tab:green", "budget frontier (--target-speedup)"),
-                                         ("uniform", "s--", "tab:purple", "uniform rank +calib (same sweep)")):
+                                         ("uniform", "s--", "tab:purple", "uniform rank +calib (same sweep)"),
+                                         ("int8-original", "P", "tab:red", "int8 original"),
+                                         ("int8-uniform", "v--", "tab:brown", "uniform rank +calib, int8"),
+                                         ("int8-budget", "^-", "tab:olive", "int8-aware budget, int8")):
             pts = bp[kind]
             if not pts:
                 continue
@@ -690,7 +712,8 @@ def plot_model(res: dict, path: Path) -> None:
                     ax.errorbar([r["speedup"]], [r["metric"] * scale],
                                 xerr=[[r["speedup"] - r["p10"]], [r["p90"] - r["speedup"]]], fmt="none",
                                 color=color, capsize=2, lw=0.6, alpha=0.7)
-                tag = f"{r['setting']:g}x" if kind == "budget" else f"r={r['setting']:g}"
+                tag = (f"{r['setting']:g}x" if kind.endswith("budget") else f"r={r['setting']:g}"
+                       if kind.endswith("uniform") else "int8")
                 ax.annotate(tag, (r["speedup"], r["metric"] * scale), textcoords="offset points",
                             xytext=(4, -10), fontsize=7, color=color)
     ax.plot([], [], "o", color="tab:blue", label="data-free")

@@ -12,7 +12,13 @@ model within E.
 2. **Cost** (:mod:`onnxlr.budget.latency`): each candidate is timed as a one-node model against the
    original layer at the layer's real input shape, interleaved, cached on disk. A candidate must be
    at least :data:`MIN_GAIN` faster than the layer it replaces, else it is dropped: no layer is
-   ever replaced by a slower one, and a layer with no faster candidate stays as it is.
+   ever replaced by a slower one, and a layer with no faster candidate stays as it is. A conv
+   over more than :data:`onnxlr.budget.latency.MAX_TIMING_AREA` positions has its candidates
+   timed on a smaller input (same channels and aspect ratio: a conv's cost is linear in the
+   area), and the layer with its median-MACs candidate (the anchor) at the real shape; every
+   candidate's time is its bounded-size time scaled by the anchor's real/bounded ratio. Measured
+   on a VGG16-sized detector, the bounded-size ratios alone came out up to 1.6x optimistic on its
+   full-resolution 64-channel convs (cached activations favour the chains); the anchor removes that.
 3. **Damage** of a candidate, d:
    * with calibration data: the squared relative output error of the model with that one layer
      replaced (factors refined on the data by :mod:`onnxlr.calib.collect`, symmetric statistics) on
@@ -45,6 +51,20 @@ model within E.
    (:data:`FINAL_BUDGET_S`): its median ratio with the p10-p90 spread is the measured speedup the
    report states. Every timing records its conditions and is re-measured once when the machine
    was contended (:mod:`onnxlr.budget.timing`); a contention that persists is a warning.
+
+**INT8** (``config.quantize``, ``compress --quantize int8``): the plan is made for the model that
+is shipped. Layers and candidate chains are timed quantized (:func:`onnxlr.budget.latency.time_layer`
+with the QuantizeConfig); ``T_model`` is the quantized original (the prediction's base, and ``alpha``
+its share), timed interleaved with the fp32 original; the goal stays the speedup against the fp32
+original. The quantized original's own squared output error is the damage floor every allocation
+starts from. Full-pass damages use the candidate's chain balanced and with its weights
+fake-quantized as onnxruntime quantizes them (:func:`onnxlr.quant.fake_quantize_chain`: no extra
+pass; activation rounding is left to the checks). Every check builds the model, balances its chains
+and quantizes it with :func:`onnxlr.quant.quantize_on` on the same ``--calib`` samples as compress
+(:func:`build_shipped`), so the int8 model measured is the one the pipeline writes: the decisions
+carry the balanced replacements and the pipeline quantizes them the same way. The final re-time
+interleaves the fp32 original, the int8 original and the model: the report gives the speedup
+against both.
 """
 
 from __future__ import annotations
@@ -149,6 +169,19 @@ class Plan:
     damage: dict = field(default_factory=dict)  # the damage estimator's record (onnxlr.budget.damage)
     timings: dict = field(default_factory=dict)  # conditions of the timings (onnxlr.budget.timing)
     calib_samples: int | None = None
+    # INT8 plans (--quantize): the QuantizeConfig, and the --calib data and sample limit compress
+    # quantizes on; None: fp32, and model_ms is the fp32 original's time
+    quantize: object = None
+    quant_calib: object = None
+    quant_samples: int | None = None
+    reference_ms: float | None = None  # the fp32 original (the speedup's denominator); None: model_ms
+    shipped_base: bytes | None = None  # the original quantized as the plan ships models (model_ms is its time)
+    base_damage: float = 0.0  # squared output error of the original at the planned precision
+    precision: str = latency.FP32  # latency.precision_tag of the plan
+
+    @property
+    def fp32_ms(self) -> float:
+        return self.model_ms if self.reference_ms is None else self.reference_ms
 
 
 @dataclass
@@ -216,6 +249,10 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
     shapes = g.infer_shapes(work)
     opset = default_opset(work)
     todo = [(i, t) for i, t in enumerate(targets) if t.skip is None and t.layer is not None]
+    quantize = getattr(config, "quantize", None)
+    shipped_base = None
+    if quantize is not None:
+        shipped_base = quantize_built(work, quantize, config.calib, getattr(config, "calib_samples", None))
 
     # Real input shapes: one run of the model with every target's input exposed.
     main_nodes = {id(n) for n in work.graph.node}
@@ -239,14 +276,14 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
                 layers.append(lp)
                 continue
             seen = set()
-            for method in (m.name for m in methods.budget_methods(t.layer, config.method)):
-                for f in fr_all:
-                    try:
-                        rep, _ = methods.get(method).factorize(t.layer, RankSpec("fraction", f), config.round_to)
-                    except OnnxlrError as exc:
-                        log.info("%s: %s %g: %s", t.name, method, f, exc)
+            for method in methods.budget_methods(t.layer, config.method):
+                results = method.factorize_many(t.layer, [RankSpec("fraction", f) for f in fr_all], config.round_to)
+                for f, result in zip(fr_all, results):
+                    if isinstance(result, OnnxlrError):
+                        log.info("%s: %s %g: %s", t.name, method.name, f, result)
                         continue
-                    key = (method, tuple(sorted(rep.ranks.items())))
+                    rep = result[0]
+                    key = (method.name, tuple(sorted(rep.ranks.items())))
                     if key in seen:
                         continue
                     seen.add(key)
@@ -257,7 +294,7 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
                     err = getattr(rep, "weight_rel_error", None)
                     if err is None:
                         err = float(np.linalg.norm(rep.reconstruction - w) / max(np.linalg.norm(w), 1e-30))
-                    cand = Candidate(method, f, dict(rep.ranks), rep, after, err)
+                    cand = Candidate(method.name, f, dict(rep.ranks), rep, after, err)
                     if na >= nb:
                         cand.dropped = "does not reduce MACs"
                     elif f not in fractions:
@@ -276,12 +313,29 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
     progress = Progress("budget: timing layers", len(layers), unit="layers")
     by_index = dict(todo)
     layer_conditions: list = []
+    bounded: dict = {}  # layer name -> the input shape its candidates were timed at
     for k, lp in enumerate(layers):
         if lp.kept is not None:
             continue
         cands = lp.candidates
-        t0, ms = latency.time_layer(by_index[lp.index], lp.input_shape, shapes, [c.replacement for c in cands],
-                                    opset, work.ir_version, provider, cache, threads, conds := [])
+        small = latency.timing_shape(by_index[lp.index], lp.input_shape)
+        t0, ms = latency.time_layer(by_index[lp.index], small, shapes, [c.replacement for c in cands],
+                                    opset, work.ir_version, provider, cache, threads, conds := [],
+                                    quantize=quantize)
+        if small != tuple(lp.input_shape) and t0 > 0 and cands:
+            # the layer and one anchor candidate at the real shape: the anchor's ratio there corrects
+            # every ratio measured at the bounded size (smaller activations stay in cache, which
+            # favours the chains), and the layer's time puts them back in real milliseconds
+            anchor = _anchor(cands)
+            full, (anchor_ms,) = latency.time_layer(by_index[lp.index], lp.input_shape, shapes,
+                                                    [cands[anchor].replacement], opset, work.ir_version, provider,
+                                                    cache, threads, full_conds := [], quantize=quantize,
+                                                    runs=latency.SLOW_MIN_RUNS)
+            scale = anchor_ms / ms[anchor]
+            t0, ms = full, [m * scale for m in ms]
+            bounded[lp.name] = list(small)
+            if full_conds:
+                layer_conditions.append(full_conds)
         if conds:
             layer_conditions.append(conds)
         lp.ms = t0
@@ -298,16 +352,26 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
     time_t = time.perf_counter()
 
     model_conditions: list = []
-    model_ms = latency.time_models([onnx.load_from_string(base)], feed, provider, threads, budget_s=1.0,
-                                   conditions=model_conditions, label="model")[0]
+    originals = [onnx.load_from_string(base)] + ([] if shipped_base is None else [shipped_base])
+    originals_ms = latency.time_models(originals, feed, provider, threads, budget_s=1.0,
+                                       conditions=model_conditions, label="model")
+    model_ms = originals_ms[-1]  # the original at the planned precision
     layer_sum = sum(lp.ms or 0 for lp in layers)
     alpha = float(np.clip(model_ms / layer_sum, 0.5, 3.0)) if layer_sum > 0 else 1.0
     plan = Plan(base, layers, provider, model_ms, total_macs, data_aware, check, feed, [],
                 alpha=alpha, check_samples=n_check, logits=softmax_logits(work), threads=threads)
-    plan.timings = {"layers": _layer_timing_summary(layer_conditions), "model": timing.summary(model_conditions)}
+    plan.timings = {"layers": _layer_timing_summary(layer_conditions), "model": timing.summary(model_conditions),
+                    "bounded_layers": bounded, "max_timing_area": latency.MAX_TIMING_AREA}
     if plan.logits:
         log.info("budget: output errors on the logits of the Softmax output(s) %s", ", ".join(plan.logits))
     plan.reference_outputs = scored_outputs(plan, base, check)
+    if shipped_base is not None:
+        plan.quantize, plan.quant_calib, plan.precision = quantize, config.calib, latency.precision_tag(quantize, opset)
+        plan.quant_samples = getattr(config, "calib_samples", None)
+        plan.reference_ms, plan.shipped_base = originals_ms[0], shipped_base.SerializeToString()
+        plan.base_damage = output_error(plan.reference_outputs, scored_outputs(plan, shipped_base, check)) ** 2
+        log.info("budget: planned at %s: original %.3f ms in fp32, %.3f ms quantized (output error %.4g)",
+                 plan.precision, plan.reference_ms, model_ms, math.sqrt(plan.base_damage))
     log.info("budget: model %.3f ms, factorizable layers alone %.3f ms, alpha %.2f", model_ms, layer_sum, alpha)
 
     # 3. damage
@@ -327,10 +391,29 @@ def build_plan(work: onnx.ModelProto, targets: list[Target], config, *, fraction
                 c.dropped = f"too damaging (d={c.damage:.3g})"
         if lp.kept is None and not lp.usable():
             lp.kept = "every faster candidate is too damaging"
+    if plan.quantize is not None:
+        _balance_candidates(plan)
     plan.seconds = {"candidates": plan_t - started, "latency": time_t - plan_t,
                     "model_timing": damage_t - time_t, "damage": time.perf_counter() - damage_t,
                     "total": time.perf_counter() - started}
     return plan
+
+
+def _balance_candidates(plan: Plan) -> None:
+    """Every candidate a model may use gets its factors balanced for int8 once (as the pipeline
+    balances rule-made chains): the replacement built, measured and written."""
+    from onnxlr.quant import balance_replacement
+
+    for lp in plan.layers:
+        for c in lp.candidates:
+            if c.dropped != "does not reduce MACs":
+                c.replacement = balance_replacement(c.replacement)
+
+
+def _anchor(cands: list[Candidate]) -> int:
+    """Index of the candidate of median MACs among those that reduce MACs (else the first)."""
+    order = sorted((c.macs or 0, i) for i, c in enumerate(cands) if c.dropped != "does not reduce MACs")
+    return order[len(order) // 2][1] if order else 0
 
 
 def _layer_timing_summary(groups: list) -> dict:
@@ -359,6 +442,25 @@ def _layer_macs_only(t: Target) -> int | None:
 # --- building and measuring -----------------------------------------------------------------
 
 
+def quantize_built(model: onnx.ModelProto, quantize, calib, samples: int | None) -> onnx.ModelProto:
+    """``model`` quantized exactly as compress quantizes its output (:func:`onnxlr.quant.quantize_on`
+    on the same --calib data and sample limit: the same calibration feeds, the same layers kept in
+    float)."""
+    from onnxlr.quant import quantize_on
+
+    quantized, _ = quantize_on(model, quantize, calib, samples)
+    return quantized
+
+
+def build_shipped(plan: Plan, choice: dict) -> onnx.ModelProto:
+    """The model the pipeline writes for ``choice``: built (the plan's candidates come balanced
+    for int8), then quantized as compress quantizes it when the plan is for int8."""
+    model = build_model(plan, choice)
+    if plan.quantize is None:
+        return model
+    return quantize_built(model, plan.quantize, plan.quant_calib, plan.quant_samples)
+
+
 def measure(plan: Plan, model: onnx.ModelProto, budget_s: float = MODEL_BUDGET_S) -> tuple[float, float]:
     """(measured speedup: median of per-round ratios, relative output error on the check data)."""
     timed = measure_timed(plan, model, budget_s)
@@ -367,14 +469,20 @@ def measure(plan: Plan, model: onnx.ModelProto, budget_s: float = MODEL_BUDGET_S
 
 
 def measure_timed(plan: Plan, model: onnx.ModelProto, budget_s: float = MODEL_BUDGET_S, label: str = "check",
-                  progress: Progress | None = None) -> dict:
+                  progress: Progress | None = None, int8_original: bool = False) -> dict:
     """The original and ``model`` timed interleaved on ``plan.threads`` threads (at least 20
     rounds, about ``budget_s`` seconds); once more when the machine was contended
     (:func:`onnxlr.budget.timing.timed`). {"speedup": median per-round ratio, "p10", "p90",
-    "runs", "original_ms", "model_ms", "conditions": ...}."""
-    base = onnx.load_from_string(plan.base)
+    "runs", "original_ms", "model_ms", "conditions": ...}. ``int8_original`` (an int8 plan): the
+    quantized original runs in the same rounds, and "int8_original_ms", "speedup_vs_int8" (median
+    per-round ratio int8 original / model) with its "p10_vs_int8", "p90_vs_int8" are added."""
+    models = [onnx.load_from_string(plan.base)]
+    with_int8 = int8_original and plan.shipped_base is not None
+    if with_int8:
+        models.append(onnx.load_from_string(plan.shipped_base))
+    models.append(model)
     providers = runtime.resolve_provider(plan.provider)
-    sessions = [runtime.make_session(m, providers=providers, threads=plan.threads) for m in (base, model)]
+    sessions = [runtime.make_session(m, providers=providers, threads=plan.threads) for m in models]
     for s in sessions:
         s.run(None, plan.timing_feed)
     t0 = time.perf_counter()
@@ -394,16 +502,22 @@ def measure_timed(plan: Plan, model: onnx.ModelProto, budget_s: float = MODEL_BU
         done0 = runs * (attempt[0] - 1)
         times = timing.interleaved(runners, warmup if attempt[0] == 1 else 0, runs,
                                    None if progress is None else (lambda d: progress.update(done0 + d, label)))
-        return times, times[0] / times[1]
+        return times, times[0] / times[-1]
 
     times, attempts = timing.timed(run, label, plan.threads)
     runners.clear()
     sessions.clear()  # one set of sessions alive at a time (spinning threads, memory)
-    ratio = times[0] / times[1]
+    ratio = times[0] / times[-1]
     p10, p90 = np.percentile(ratio, [10, 90])
-    return {"speedup": float(np.median(ratio)), "p10": float(p10), "p90": float(p90), "runs": runs,
-            "original_ms": float(np.median(times[0]) * 1e3), "model_ms": float(np.median(times[1]) * 1e3),
-            "conditions": timing.summary(attempts)}
+    out = {"speedup": float(np.median(ratio)), "p10": float(p10), "p90": float(p90), "runs": runs,
+           "original_ms": float(np.median(times[0]) * 1e3), "model_ms": float(np.median(times[-1]) * 1e3),
+           "conditions": timing.summary(attempts)}
+    if with_int8:
+        vs_int8 = times[1] / times[-1]
+        p10, p90 = np.percentile(vs_int8, [10, 90])
+        out.update(int8_original_ms=float(np.median(times[1]) * 1e3), speedup_vs_int8=float(np.median(vs_int8)),
+                   p10_vs_int8=float(p10), p90_vs_int8=float(p90))
+    return out
 
 
 # --- allocation -----------------------------------------------------------------------------
@@ -469,7 +583,7 @@ def allocate(plan: Plan, *, target_speedup: float | None = None, target_macs: fl
     def done():
         ms, macs = state()
         if target_speedup is not None:
-            return plan.model_ms / ms >= target_speedup
+            return plan.fp32_ms / ms >= target_speedup
         if by_macs:
             return macs <= target_macs * plan.total_macs
         return False
@@ -479,14 +593,14 @@ def allocate(plan: Plan, *, target_speedup: float | None = None, target_macs: fl
         step = hulls[i][pos[i]]
         prev_d = hulls[i][pos[i] - 1][1] if pos[i] else 0.0
         new_damage = damage - prev_d + step[1]
-        if max_error is not None and math.sqrt(new_damage) * plan.error_scale > max_error:
+        if max_error is not None and math.sqrt(plan.base_damage + new_damage) * plan.error_scale > max_error:
             continue  # this layer goes no further
         damage = new_damage
         choice[i] = step[2]
         pos[i] += 1
         push(i)
     ms, macs = state()
-    return Allocation(choice, ms, plan.model_ms / ms, math.sqrt(damage) * plan.error_scale, macs,
+    return Allocation(choice, ms, plan.fp32_ms / ms, math.sqrt(plan.base_damage + damage) * plan.error_scale, macs,
                       reached=done() or max_error is not None)
 
 
@@ -505,7 +619,7 @@ def solve(plan: Plan, *, target_speedup=None, target_macs=None, max_error=None, 
         alloc = allocate(plan, target_speedup=target_speedup, target_macs=target_macs, max_error=max_error)
         if not check:
             return alloc
-        model = build_model(plan, alloc.choice)
+        model = build_shipped(plan, alloc.choice)
         alloc.timing = measure_timed(plan, model)
         speedup = alloc.timing["speedup"]
         error = output_error(plan.reference_outputs, scored_outputs(plan, model, plan.check_feeds))
@@ -533,7 +647,9 @@ def solve(plan: Plan, *, target_speedup=None, target_macs=None, max_error=None, 
                     break
             elif fallback is None or speedup > fallback.measured_speedup:
                 fallback = alloc
-            pred_saving, meas_saving = 1 - 1 / alloc.predicted_speedup, 1 - 1 / speedup
+            # savings against the original at the planned precision (T_model), in its units
+            unit = plan.fp32_ms / plan.model_ms
+            pred_saving, meas_saving = 1 - unit / alloc.predicted_speedup, 1 - unit / speedup
             if pred_saving <= 0 or (speedup < target_speedup and not alloc.reached):
                 break  # nothing to recalibrate on, or every useful step is taken already
             # the alpha that would have predicted this measurement exactly (bounded per round)
@@ -575,7 +691,8 @@ def plan_decisions(work: onnx.ModelProto, targets: list[Target], config, report)
     t1 = time.perf_counter()
     check_speedup = alloc.measured_speedup
     progress = Progress("budget: final re-time", None, unit="rounds")
-    final = measure_timed(plan, build_model(plan, alloc.choice), FINAL_BUDGET_S, "final", progress)
+    final = measure_timed(plan, build_shipped(plan, alloc.choice), FINAL_BUDGET_S, "final", progress,
+                          int8_original=True)
     progress.close()
     alloc.measured_speedup, alloc.timing = final["speedup"], final
     if config.target_speedup is not None:
@@ -600,11 +717,16 @@ def plan_decisions(work: onnx.ModelProto, targets: list[Target], config, report)
              else f"{plan.check_samples} random samples")
     estimator = plan.damage.get("estimator", "?")
     cond = final["conditions"]
+    shipped = "" if plan.quantize is None else (
+        f", planned and measured as int8 ({plan.precision}; speedups against the fp32 original)")
+    vs_int8 = "" if "speedup_vs_int8" not in final else (
+        f", {final['speedup_vs_int8']:.2f}x against the int8 original "
+        f"(p10-p90 {final['p10_vs_int8']:.2f}-{final['p90_vs_int8']:.2f})")
     report.model_notes.append(
         f"budget ({goal}, {'data-aware' if plan.data_aware else 'data-free'} damage by {estimator}, "
-        f"{plan.provider}, {plan.threads} threads): {len(alloc.choice)} of {len(plan.layers)} layers factorized; "
-        f"predicted speedup {alloc.predicted_speedup:.2f}x, measured {final['speedup']:.2f}x "
-        f"(p10-p90 {final['p10']:.2f}-{final['p90']:.2f}, {final['runs']} interleaved rounds; "
+        f"{plan.provider}, {plan.threads} threads{shipped}): {len(alloc.choice)} of {len(plan.layers)} layers "
+        f"factorized; predicted speedup {alloc.predicted_speedup:.2f}x, measured {final['speedup']:.2f}x "
+        f"(p10-p90 {final['p10']:.2f}-{final['p90']:.2f}{vs_int8}, {final['runs']} interleaved rounds; "
         f"{timing.Conditions(**{k: v for k, v in cond.items() if k not in ('remeasured', 'first')}).describe()}); "
         f"output error {alloc.measured_error:.4g} on {where}; plan {plan.seconds['total']:.0f} s")
     if not alloc.reached:
@@ -615,11 +737,25 @@ def plan_decisions(work: onnx.ModelProto, targets: list[Target], config, report)
                      "chosen": chosen, "plan_seconds": plan.seconds, "threads": plan.threads,
                      "damage": plan.damage, "timings": plan.timings,
                      "model_ms": plan.model_ms,
+                     **_precision_fields(plan, final),
                      "alpha": plan.alpha, "check_samples": plan.check_samples,
                      "held_out_every": data.HOLDOUT_EVERY if plan.data_aware else None,
                      "calib_samples": plan.calib_samples if plan.data_aware else None,
                      "error_on": sorted(plan.logits) or "outputs"}
     return decisions
+
+
+def _precision_fields(plan: Plan, final: dict) -> dict:
+    """report.budget's precision figures: what the plan was made for ("fp32" or the int8 tag);
+    for int8, the fp32 original's plan time (model_ms is the int8 original's), the int8 original's
+    output error, and the final re-time against the int8 original (None for fp32 plans)."""
+    out = {"precision": plan.precision, "reference_ms": plan.fp32_ms,
+           "int8_original_error": math.sqrt(plan.base_damage) if plan.quantize is not None else None,
+           "speedup_vs_int8_original": final.get("speedup_vs_int8")}
+    if "speedup_vs_int8" in final:
+        out["speedup_vs_int8_original_p10_p90"] = [final["p10_vs_int8"], final["p90_vs_int8"]]
+        out["int8_original_ms"] = final["int8_original_ms"]
+    return out
 
 
 def _contention_warnings(plan: Plan, final: dict) -> list[str]:

@@ -16,7 +16,14 @@ error where no moments apply). Then one of three estimators::
 passes when their estimated cost fits in the damage phase's bound (``--plan-time``, else
 :data:`FULL_PASS_BUDGET_S`), else the sensitivity estimator; a bound the work would pass while
 scoring switches the remaining layers to the cheaper estimator (sensitivity on fewer samples,
-then layer-error), and the plan says which estimator scored how many layers.
+then layer-error), and the plan says which estimator scored how many layers. Without a bound the
+sensitivity passes alone are held to :data:`FULL_PASS_BUDGET_S` by running them on fewer of the
+damage samples (at least :data:`MIN_SENSITIVITY_SAMPLES`; ``sensitivity_samples`` in the record).
+
+For an int8 plan (``plan.quantize``) every ``full`` pass runs the candidate's chain balanced and
+with its weights fake-quantized as onnxruntime will quantize them (:func:`int8_weights`): the
+damage includes the chain's weight rounding at no extra pass. Activation rounding is not
+simulated here; the solver's checks measure the real int8 model.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 
 from onnxlr import data
 from onnxlr.budget.outputs import build_model, output_error, scored_outputs
@@ -36,7 +44,8 @@ log = logging.getLogger("onnxlr")
 ESTIMATORS = ("auto", "full", "sensitivity")
 #: Without --plan-time, auto uses full passes when they are estimated to take at most this long.
 FULL_PASS_BUDGET_S = 120.0
-#: Fewest samples the sensitivity passes use when the bound asks for a subsample.
+#: Fewest samples the sensitivity passes use when the bound (or, without --plan-time,
+#: FULL_PASS_BUDGET_S for the passes alone) asks for a subsample.
 MIN_SENSITIVITY_SAMPLES = 2
 
 
@@ -78,10 +87,22 @@ def score(plan, work, todo, config, samples: list, specs) -> dict:
         by_index = dict(todo)
         progress = Progress(f"budget: damage ({estimator})", len(layers), unit="layers")
         passes = 0
-        refine_s = 0.0
+        refine_s = collect_s = 0.0
         sub = {"feeds": feeds, "reference": reference, "n": len(samples)}
+        if bound is None and estimator == "sensitivity" and est_sens > budget:
+            # no --plan-time: the passes alone keep to the default budget, on fewer samples, so
+            # their cost does not grow as layers x samples x forward time
+            fit = max(MIN_SENSITIVITY_SAMPLES, int(len(samples) * budget / est_sens))
+            if fit < len(samples):
+                sub = _subsample(plan, samples[:fit], specs, scored_outputs)
+                record["sensitivity_samples"] = fit
         for k, lp in enumerate(layers):
             t = by_index[lp.index]
+            c0 = time.perf_counter()
+            # the calibration pass runs when a layer's stage is first due: a one-off, not part of
+            # the per-layer refine rate the bound extrapolates
+            calibrator.plan_for(t)
+            collect_s += time.perf_counter() - c0
             r0 = time.perf_counter()
             _refine_layer(lp, t, calibrator, refine_replacement)
             calibrator.release(t)
@@ -111,8 +132,8 @@ def score(plan, work, todo, config, samples: list, specs) -> dict:
                                               "") + f"-> layer-error at layer {k + 1} of {len(layers)}"
             if estimator == "full":
                 for c in usable:
-                    c.damage = output_error(reference, scored_outputs(plan, build_model(plan, {lp.index: c}),
-                                                                      feeds)) ** 2
+                    built = build_model(plan, {lp.index: int8_weights(c, getattr(plan, "quantize", None))})
+                    c.damage = output_error(reference, scored_outputs(plan, built, feeds)) ** 2
                     passes += 1
             elif estimator == "sensitivity":
                 proxy = _proxies(lp)
@@ -135,8 +156,20 @@ def score(plan, work, todo, config, samples: list, specs) -> dict:
         plan.calib_samples = calibrator.total
     used = sorted(set(record["layers"].values()))
     record.update(estimator="+".join(used) if used else estimator, passes=passes, refine_s=refine_s,
-                  seconds=time.perf_counter() - started)
+                  calibration_pass_s=collect_s, seconds=time.perf_counter() - started)
     return record
+
+
+def int8_weights(cand, quantize):
+    """``cand`` with its chain balanced and its weights fake-quantized (symmetric int8, per channel
+    as ``quantize`` asks) as in the int8 model; ``cand`` itself without ``quantize``."""
+    if quantize is None:
+        return cand
+    from onnxlr.quant import balance_chain, fake_quantize_chain
+
+    steps = cand.replacement.steps
+    steps = fake_quantize_chain(balance_chain(steps) if len(steps) > 1 else steps, per_channel=quantize.per_channel)
+    return replace(cand, replacement=replace(cand.replacement, steps=steps))
 
 
 def _refine_layer(lp, t, calibrator, refine_replacement) -> None:

@@ -15,9 +15,15 @@ round). Each model's latency is its median over the rounds; a candidate's saving
 
 Cache: a JSON file (``<cache_dir>/latency.json``, default ``~/.cache/onnxlr``; ``ONNXLR_CACHE_DIR``
 overrides) maps a key to milliseconds. The key hashes the provider, the onnxruntime version, the
-thread count and the one-node model's *structure* (input shape, op types, attributes, weight
-shapes; not the weight values, which do not change the time), so a layer measured once is reused
-by every target of a sweep, every run, and every model with the same layer.
+thread count, the precision (:func:`precision_tag`: fp32, or the INT8 mode) and the one-node
+model's *structure* (input shape, op types, attributes, weight shapes; not the weight values, which
+do not change the time), so a layer measured once is reused by every target of a sweep, every run,
+and every model with the same layer; fp32 and int8 times never mix.
+
+INT8 (``compress --quantize int8``: the budget plans for the model it ships): every one-node model
+is quantized by :func:`onnxlr.quant.quantize` with the compress config's mode, per-channel setting
+and types (:func:`quantized_layer_model`), calibrated on a few random feeds at the layer's input
+shape (only the time of the result matters), and the quantized models are timed instead.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +45,11 @@ from onnx import helper
 from onnxlr import model as g
 from onnxlr import runtime
 from onnxlr.budget import timing
-from onnxlr.layers import Replacement
+from onnxlr.layers import ConvLayer, Replacement
 from onnxlr.model.opset import default_opset
 from onnxlr.model.splice import splice
 from onnxlr.model.targets import Target, find_targets
+from onnxlr.quant.model import PER_CHANNEL_OPSET
 
 log = logging.getLogger("onnxlr")
 
@@ -52,6 +61,34 @@ MIN_RUNS, MAX_RUNS = 15, 300
 #: when contended (that would double the plan's longest phase): its conditions go to the report.
 SLOW_LOOP_S, SLOW_MIN_RUNS = 8.0, 5
 WARMUP = 5
+#: A plan times a conv's candidates on at most this many input positions (:func:`timing_shape`),
+#: and the layer with one anchor candidate at the real shape (onnxlr.budget.allocate).
+MAX_TIMING_AREA = 128 * 128
+FP32 = "fp32"
+#: Random feeds an int8 one-node model is calibrated on (its ranges only set scales, not speed).
+QUANT_FEEDS = 3
+
+
+def precision_tag(quantize, opset: int) -> str:
+    """What sets the speed of a layer's quantized form: ``fp32`` without ``quantize`` (a
+    QuantizeConfig), else its mode, per-channel or per-tensor (as onnxlr.quant decides it from the
+    opset), types and quantized op types."""
+    if quantize is None:
+        return FP32
+    per_channel = quantize.per_channel and (quantize.mode == "dynamic" or opset >= PER_CHANNEL_OPSET
+                                            or quantize.upgrade_opset)
+    return ":".join(["int8", quantize.mode, "per-channel" if per_channel else "per-tensor",
+                     f"{quantize.activation_type}/{quantize.weight_type}", ",".join(quantize.op_types),
+                     "reduce-range" if quantize.reduce_range else "full-range", f"opset{opset}"])
+
+
+def quantized_layer_model(model: onnx.ModelProto, feeds: list[dict], quantize) -> onnx.ModelProto:
+    """A one-node model quantized as onnxlr.quant quantizes the whole model (``quantize``: its
+    QuantizeConfig; no max_error: a lone layer is never kept in float), calibrated on ``feeds``."""
+    from onnxlr.quant import quantize as quantize_model
+
+    quantized, _ = quantize_model(model, feeds, replace(quantize, max_error=None))
+    return quantized
 
 
 def bench_threads(threads: int | None = None) -> int:
@@ -106,12 +143,14 @@ class LatencyCache:
             log.warning("cannot write the latency cache %s: %s", self.path, exc)
 
 
-def structure_key(model: onnx.ModelProto, provider: str, threads: int) -> str:
-    """Hash of everything that sets a one-node model's speed, and nothing else."""
+def structure_key(model: onnx.ModelProto, provider: str, threads: int, precision: str = FP32) -> str:
+    """Hash of everything that sets a one-node model's speed at ``precision``, and nothing else."""
     import onnxruntime as ort
 
     g = model.graph
     parts = [provider, ort.__version__, str(threads)]
+    if precision != FP32:  # fp32 keys stay those of caches written before int8 plans existed
+        parts.append(f"precision:{precision}")
     for vi in g.input:
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
         parts.append(f"in:{vi.type.tensor_type.elem_type}:{dims}")
@@ -203,13 +242,16 @@ def time_models(models: Sequence[onnx.ModelProto], feed: dict, provider: str = "
 
 def time_layer(target: Target, input_shape: Sequence[int], shapes: dict, candidates: Sequence[Replacement],
                opset: int, ir_version: int, provider: str = "cpu", cache: LatencyCache | None = None,
-               threads: int | None = None, conditions: list | None = None) -> tuple[float, list[float]]:
-    """(ms of the original layer, ms of each candidate chain) at ``input_shape``; ``conditions``
-    as for :func:`time_models` (nothing is added when every time came from the cache)."""
+               threads: int | None = None, conditions: list | None = None,
+               quantize=None, runs: int | None = None) -> tuple[float, list[float]]:
+    """(ms of the original layer, ms of each candidate chain) at ``input_shape``, quantized first
+    with ``quantize`` (a QuantizeConfig; None: fp32); ``conditions`` and ``runs`` (None: as the
+    budget allows) as for :func:`time_models` (nothing is added when every time came from the cache)."""
     threads = bench_threads(threads)
     reference = one_node_model(target, input_shape, shapes, opset, ir_version)
     models = [reference] + [candidate_model(reference, r) for r in candidates]
-    keys = [structure_key(m, provider, threads) for m in models]
+    precision = precision_tag(quantize, opset)
+    keys = [structure_key(m, provider, threads, precision) for m in models]
     cache = cache or LatencyCache(enabled=False)
     cached = [cache.get(k) for k in keys]
     if all(c is not None for c in cached):
@@ -218,9 +260,33 @@ def time_layer(target: Target, input_shape: Sequence[int], shapes: dict, candida
     # times from one interleaved run.
     todo = [0] + [i for i in range(1, len(models)) if cached[i] is None]
     np_dtype = helper.tensor_dtype_to_np_dtype(target.weight_dtype)
-    feed = {reference.graph.input[0].name: np.random.default_rng(0).standard_normal(input_shape).astype(np_dtype)}
-    ms = time_models([models[i] for i in todo], feed, provider, threads, conditions=conditions)
+    rng = np.random.default_rng(0)
+    feeds = [{reference.graph.input[0].name: rng.standard_normal(input_shape).astype(np_dtype)}
+             for _ in range(QUANT_FEEDS if quantize is not None else 1)]
+    timed = [models[i] for i in todo]
+    if quantize is not None:
+        timed = [quantized_layer_model(m, feeds, quantize) for m in timed]
+    ms = time_models(timed, feeds[0], provider, threads, runs=runs, conditions=conditions)
     for i, t in zip(todo, ms):
         cached[i] = t
         cache.put(keys[i], t)
     return cached[0], cached[1:]
+
+
+def timing_shape(target: Target, input_shape: Sequence[int], max_area: int | None = None) -> tuple:
+    """The input shape a layer's candidates are timed at. A conv's cost is linear in its spatial
+    area and what a plan needs is each candidate's time against its layer's, so a conv over more
+    than ``max_area`` positions (:data:`MAX_TIMING_AREA`) is timed on a smaller input of the same
+    channels and aspect ratio, whole strides per axis. Other layers: ``input_shape``."""
+    max_area = MAX_TIMING_AREA if max_area is None else max_area
+    spatial = [int(d) for d in input_shape[2:]]
+    area = math.prod(spatial)
+    if not isinstance(target.layer, ConvLayer) or not spatial or area <= max_area:
+        return tuple(input_shape)
+    layer, shrink = target.layer, (max_area / area) ** (1 / len(spatial))
+    small = []
+    for i, size in enumerate(spatial):
+        stride, extent = layer.strides[i], layer.dilations[i] * (layer.kernel[i] - 1) + 1
+        n = max(math.ceil(size * shrink), extent, stride)
+        small.append(min(math.ceil(n / stride) * stride, size))
+    return (*input_shape[:2], *small)

@@ -82,7 +82,6 @@ def build_model(plan, choice: dict) -> onnx.ModelProto:
     targets = find_targets(model, {})
     names = g.NameScope(g.all_names(model))
     opset = default_opset(model)
-    for index, cand in choice.items():
-        t = targets[index]
-        splice(t, cand.replacement, names, opset, model.ir_version)
+    for index in sorted(choice):  # graph order, as the pipeline splices: the same names
+        splice(targets[index], choice[index].replacement, names, opset, model.ir_version)
     return model

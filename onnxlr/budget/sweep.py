@@ -10,6 +10,11 @@ same way, one point per fraction, so both frontiers come from one set of measure
 
 ``evaluate``, Python API only, is a callback ``f(model: onnx.ModelProto) -> float`` (a task metric,
 higher is better) called on the original and on every point's model.
+
+With ``quantize`` (a QuantizeConfig, as compress --quantize) the plan is made for int8 and every
+point's model is the int8 model compress would write (:func:`onnxlr.budget.allocate.build_shipped`),
+measured against the fp32 original; the uniform points are quantized the same way, and one more
+point, kind ``original``, is the int8 original (no layer factorized).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ DEFAULT_UNIFORM = (0.25, 0.5, 0.75)
 
 @dataclass
 class SweepPoint:
-    kind: str  # "budget" or "uniform"
+    kind: str  # "budget", "uniform", or "original" (the int8 original of an int8 sweep)
     setting: float  # target speedup, or the uniform rank fraction
     layers_replaced: int
     macs_fraction: float
@@ -66,6 +71,7 @@ class SweepResult:
     damage: dict = field(default_factory=dict)  # the damage estimator's record (onnxlr.budget.damage)
     threads: int | None = None
     timings: dict = field(default_factory=dict)  # conditions of the plan's timings
+    precision: str = "fp32"  # what the points were planned and measured at (onnxlr.budget.latency.precision_tag)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +87,7 @@ class SweepResult:
 
         rows = []
         for p in self.points:
-            setting = f"target {p.setting:g}x" if p.kind == "budget" else f"rank {p.setting:g}"
+            setting = {"budget": f"target {p.setting:g}x", "uniform": f"rank {p.setting:g}"}.get(p.kind, "-")
             pred = f"{p.predicted_speedup:.2f}x" if p.predicted_speedup else "-"
             rows.append([p.kind, setting, str(p.layers_replaced), f"{p.macs_fraction:.2f}", pred,
                          f"{p.measured_speedup:.2f}x", f"{p.error:.4f}",
@@ -172,7 +178,7 @@ def sweep(
 
     def point(kind, setting, choice, alloc=None) -> SweepPoint:
         t0 = time.perf_counter()
-        built = budget.build_model(plan, choice)
+        built = budget.build_shipped(plan, choice)
         if alloc is not None and alloc.measured_speedup is not None:
             speedup, error = alloc.measured_speedup, alloc.measured_error
         else:
@@ -206,8 +212,11 @@ def sweep(
             if cand is not None:
                 choice[lp.index] = cand
         points.append(point("uniform", f, choice))
+    if plan.quantize is not None:
+        points.append(point("original", 0.0, {}))
     return SweepResult(label, plan.provider, plan.data_aware, points, plan.model_ms, baseline_metric,
-                       plan.seconds, time.perf_counter() - started, plan.damage, plan.threads, plan.timings)
+                       plan.seconds, time.perf_counter() - started, plan.damage, plan.threads, plan.timings,
+                       plan.precision)
 
 
 def _uniform_candidate(lp: budget.LayerPlan, fraction: float):

@@ -6,8 +6,9 @@ outputs of the model's prefix that computes them, and accumulates, per layer, th
 input vectors (:class:`onnxlr.calib.fit.Moments`): channel vectors for Gemm/MatMul rows, im2col
 patches for convs, at ``POSITIONS_PER_SAMPLE`` seeded random output positions per sample. Memory is
 the statistics (sized before any pass, scheduled within ``--calib-memory``; wide inputs in a reduced
-basis, :class:`~onnxlr.calib.fit.ReducedMoments`) plus one chunk of activations, whatever the number
-of samples.
+basis, :class:`~onnxlr.calib.fit.ReducedMoments`; methods that keep their first factors, in those
+factors' input space, :class:`~onnxlr.calib.fit.ProjectedMoments`) plus one chunk of activations,
+whatever the number of samples.
 
 Modes:
 
@@ -44,22 +45,26 @@ import onnx
 from onnxlr import data, methods
 from onnxlr.calib import fit
 from onnxlr.errors import OnnxlrError
-from onnxlr.layers import ConvLayer, Replacement
+from onnxlr.layers import ConvLayer, LinearLayer, Replacement
 from onnxlr.methods.base import group_blocks, layer_matrices
-from onnxlr.model.edit import copy_fields, copy_without_initializers, prune_to_outputs
+from onnxlr.model.edit import detach_weights, prune_to_outputs
 from onnxlr.model.io import (
+    BIG_INITIALIZER,
     all_initializers,
+    append_aligned,
     external_info,
     has_lazy_tensors,
     iter_tensors_with_external_data,
     read_range,
+    refer_external,
+    tensor_bytes,
     track_temp,
     untrack_temp,
 )
 from onnxlr.model.splice import read_bias
 from onnxlr.model.targets import Target
 from onnxlr.report.progress import Progress
-from onnxlr.runtime import make_session, run_session
+from onnxlr.runtime import make_session, run_session, trim_heap
 
 log = logging.getLogger("onnxlr")
 
@@ -75,7 +80,10 @@ MEMORY_FRACTION = 0.5
 #: REDUCED_BASIS directions: n x n float64 matrices past it cost 128 MB each and grow as n^2.
 WIDE_INPUT = 4096
 REDUCED_BASIS = 1024
-CHUNK = 8  # samples per onnxruntime run when the batch is dynamic
+CHUNK = 8  # samples per onnxruntime run when the batch is dynamic, at most
+#: ... and fewer when the layers' inputs of one run would pass this many bytes (VGG-16's 224 x 224
+#: activations are 13 MB per sample: its early passes run 2 samples at a time, not 8).
+CHUNK_BYTES = 32 * 2**20
 #: A pass's model (prefix) up to this size, all in memory, goes to onnxruntime as bytes; a bigger
 #: one, or one with weights on disk (external data), is written to the calibration's temporary
 #: folder with its weights as external data, and onnxruntime reads it from there.
@@ -241,11 +249,15 @@ class Calibrator:
 
     def __init__(self, model: onnx.ModelProto, targets: list[Target], data_source, samples: int | None, mode: str,
                  mask: str | None = "auto", merge_held: bool = True, *, memory: int | None = None,
-                 stages: int | str | None = None, whitened: dict | None = None):
+                 stages: int | str | None = None, whitened: dict | None = None, replacement_for=None):
         """``memory``: bytes of statistics held at once (default MEMORY_FRACTION of what is
         available); ``stages``: asymmetric passes at most (an int, or "all" for one pass per
         layer; default ASYMMETRIC_STAGES); ``whitened``: id(target) -> whether its method's refit
-        is a whitened truncation (those alone can use a reduced basis; default: all can)."""
+        is a whitened truncation (those alone can use a reduced basis; default: all can);
+        ``replacement_for``: target -> the data-free replacement that :meth:`refine` will be given
+        for it (the same object), or None: the layers of methods with a fixed input space
+        (Tucker-2, CP, spatial SVD) then keep projected statistics (fit.ProjectedMoments), exact
+        and much smaller than n x n."""
         if mode not in MODES:
             raise OnnxlrError(f"unknown calibration mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode
@@ -264,6 +276,10 @@ class Calibrator:
         self.eligible = [t for t in targets if id(t.node) in main and t.node.input and t.layer is not None]
         self.memory = int(memory) if memory else int(MEMORY_FRACTION * available_memory())
         self.reduced: dict[int, int] = {}  # id(target) -> basis size, for layers in a reduced basis
+        self.projected: dict[int, Replacement] = {}  # id(target) -> the replacement its statistics are projected for
+        self._replacement_for = replacement_for
+        self.rows_kept: set[int] = set()  # id(target) of layers whose rows are kept (fit.RowMoments)
+        self._samples_seen: int | None = None
         self.stages_reason = ""
         self.unfit: dict[int, str] = {}  # id(target) -> why it is not calibrated
         self.stage_of = self._schedule(stages, whitened or {})
@@ -292,22 +308,67 @@ class Calibrator:
         for i, t in enumerate(self.eligible):
             n, groups = input_width(t.layer)
             need = fit.moments_nbytes(n, groups, paired)
-            if n > WIDE_INPUT or need > self.memory:
-                if whitened.get(id(t), True):
+            projected = None if whitened.get(id(t), True) else self._projected_need(t, paired)
+            rows_need = self._rows_need(t, paired) if whitened.get(id(t), True) else None
+            if projected is not None and projected < need:
+                need = projected
+            elif rows_need is not None and rows_need < need:
+                need = rows_need
+                self.rows_kept.add(id(t))
+            else:
+                self.projected.pop(id(t), None)
+                if (n > WIDE_INPUT or need > self.memory) and whitened.get(id(t), True):
                     k = min(REDUCED_BASIS, n)
                     need = fit.moments_nbytes(n, groups, False, reduced=k)
                     if need <= self.memory:
                         self.reduced[id(t)] = k
-                if id(t) not in self.reduced and need > self.memory:
-                    self.unfit[id(t)] = (f"calib: its statistics need {_size(need)}, over the {_size(self.memory)} bound "
-                                         "(--calib-memory); data-free factors kept")
-                    continue
+            if need > self.memory:
+                self.projected.pop(id(t), None)
+                self.unfit[id(t)] = (f"calib: its statistics need {_size(need)}, over the {_size(self.memory)} bound "
+                                     "(--calib-memory); data-free factors kept")
+                continue
             wanted = (i * n_stages) // max(count, 1)
             if wanted > stage or (used and used + need > self.memory):
                 stage, used = max(wanted, stage + 1), 0
             stage_of[id(t)] = stage
             used += need
         return stage_of
+
+    def _rows_need(self, target: Target, paired: bool) -> int | None:
+        """Bytes to keep the layer's calibration rows themselves (fit.RowMoments), or None when it
+        would see half its input width in rows or more (a linear layer or an ungrouped conv whose
+        output is at most as wide as its input)."""
+        layer = target.layer
+        n, groups = input_width(layer)
+        t = layer.weight.shape[1] if not isinstance(layer, ConvLayer) else layer.out_channels
+        if groups != 1 or t > n:
+            return None
+        per_sample = POSITIONS_PER_SAMPLE if isinstance(layer, ConvLayer) else min(target.rows or 1, POSITIONS_PER_SAMPLE)
+        rows = self._sample_count() * per_sample
+        if 2 * rows >= n:
+            return None
+        return 8 * (rows * n * (2 if paired else 1) * 2 + 4 * t * t)
+
+    def _sample_count(self) -> int:
+        """Samples calibration will read (counted once)."""
+        if self._samples_seen is None:
+            self._samples_seen = sum(1 for _ in data.limited(self.source, self.samples))
+        return self._samples_seen
+
+    def _projected_need(self, target: Target, paired: bool) -> int | None:
+        """Bytes of projected statistics for ``target`` (and marks it projected), or None when its
+        replacement is not known ahead or its method has no fixed input space."""
+        if self._replacement_for is None:
+            return None
+        replacement = self._replacement_for(target)
+        method = methods.get(replacement.method) if replacement is not None else None
+        if method is None or method.input_space is None:
+            return None
+        spaces = method.input_space(target.layer, replacement)
+        n, groups = input_width(target.layer)
+        t_g = target.layer.out_channels // groups if isinstance(target.layer, ConvLayer) else target.layer.weight.shape[1]
+        self.projected[id(target)] = replacement
+        return fit.projected_nbytes(max(s.shape[0] for s in spaces), t_g, groups, paired) + 8 * t_g * n * groups
 
     def _default_stages(self, layers: int) -> int:
         """One pass per layer (sequential fitting: every layer sees the compression of all the
@@ -328,10 +389,8 @@ class Calibrator:
 
     def _sample_cost(self) -> tuple[float, int]:
         """(seconds of one forward of one sample, samples calibration will read)."""
-        samples, first = 0, None
-        for sample in data.limited(self.source, self.samples):
-            first = first if first is not None else sample
-            samples += 1
+        samples = self._sample_count()
+        first = next(iter(data.limited(self.source, 1)), None)
         if first is None:
             raise OnnxlrError(f"--calib {self.source.label}: no samples")
         session = self._files.session(self.original, None, {})
@@ -366,8 +425,21 @@ class Calibrator:
         for t in layers:
             n, groups = input_width(t.layer)
             if id(t) in self.reduced:
-                bases = [fit.reduced_basis(w, self.reduced[id(t)]) for w in layer_matrices(t.layer)]
-                fits, helds = [fit.ReducedMoments(b) for b in bases], [fit.ReducedMoments(b) for b in bases]
+                weights = layer_matrices(t.layer, keep_dtype=True)
+                shared = [{} for _ in weights]  # W W^T, computed once for the basis and the fits
+                bases = [fit.reduced_basis(w, self.reduced[id(t)], shared=c) for w, c in zip(weights, shared)]
+                fits = [fit.ReducedMoments(b, shared=c) for b, c in zip(bases, shared)]
+                helds = [fit.ReducedMoments(b, shared=c) for b, c in zip(bases, shared)]
+            elif id(t) in self.rows_kept:
+                shared = [{} for _ in range(groups)]  # W W^T, computed once for the layer's fits
+                fits = [fit.RowMoments(n, paired, c) for c in shared]
+                helds = [fit.RowMoments(n, paired, c) for c in shared]
+            elif id(t) in self.projected:
+                replacement = self.projected[id(t)]
+                spaces = methods.get(replacement.method).input_space(t.layer, replacement)
+                weights = layer_matrices(t.layer)
+                fits = [fit.ProjectedMoments(p, w, paired) for p, w in zip(spaces, weights)]
+                helds = [fit.ProjectedMoments(p, w, paired) for p, w in zip(spaces, weights)]
             else:
                 fits = [fit.Moments(n, paired) for _ in range(groups)]
                 helds = [fit.Moments(n, paired) for _ in range(groups)]
@@ -385,10 +457,11 @@ class Calibrator:
             unchanged = _signature(self.model.graph) == self._original_signature
             current = original if unchanged else self._files.session(self.model, tensors, dtypes)
         rng = np.random.default_rng(SEED + stage)
+        chunk = _chunk_for(layers)
         seen = 0
         progress = Progress(f"calibration pass {stage + 1}/{self.n_stages}", self.samples or self.source.count,
                             unit="samples")
-        for feed in data.batches(data.limited(self.source, self.samples), self.specs, CHUNK):
+        for feed in data.batches(data.limited(self.source, self.samples), self.specs, chunk):
             outs_o = _run(original, feed, tensors)
             outs_c = outs_o if current is original or not paired else _run(current, feed, tensors)
             batch = data.sample_rows(feed, self.specs)
@@ -407,6 +480,8 @@ class Calibrator:
             progress.update(seen)
             del outs_o, outs_c
         progress.close()
+        del original, current
+        trim_heap()  # the sessions' memory goes back to the system before the layers are fitted
         if seen == 0:
             raise OnnxlrError(f"--calib {self.source.label}: no samples")
         self.total = seen
@@ -418,7 +493,8 @@ class Calibrator:
                  len(plans), seen, time.perf_counter() - t0)
 
     def release(self, target: Target) -> None:
-        self.moments.pop(id(target), None)
+        if self.moments.pop(id(target), None) is not None:
+            trim_heap()
 
     # --- refinement -----------------------------------------------------------------------
 
@@ -429,6 +505,8 @@ class Calibrator:
         if id(target) in self.unfit:
             replacement.notes.append(self.unfit[id(target)])
             return replacement
+        if id(target) in self.projected and self.projected[id(target)] is not replacement:
+            raise ValueError(f"{target.name}: its statistics are projected for another replacement")
         plan = self.plan_for(target)
         if plan is None:
             replacement.notes.append("calib: layer not calibrated (inside a subgraph); data-free factors kept")
@@ -442,9 +520,27 @@ class Calibrator:
                 self.release(target)
         if id(target) in self.reduced:
             note += f"; statistics in a reduced basis of {self.reduced[id(target)]} of {input_width(target.layer)[0]} inputs"
+        if id(target) in self.rows_kept:
+            note += f"; statistics: its {plan.fit[0].count + plan.held[0].count} calibration rows themselves"
+        if self.projected.pop(id(target), None) is not None:
+            note += f"; statistics projected on the chain's {plan.fit[0].proj.shape[0]} of {plan.fit[0].n} inputs"
         new.notes.append(note)
         log.info("%s: %s", target.name, note)
         return new
+
+
+def _chunk_for(layers: list[Target]) -> int:
+    """Samples per run: CHUNK, or fewer when the layers' input tensors of one sample are large
+    (their sizes from the shapes found when sizing the model; unknown sizes count as small)."""
+    per_sample = {}
+    for t in layers:
+        n, groups = input_width(t.layer)
+        if isinstance(t.layer, ConvLayer):
+            size = t.layer.weight.shape[1] * groups * math.prod(s or 1 for s in (t.in_spatial or ()))
+        else:
+            size = n * (t.rows or 1)
+        per_sample[t.node.input[0]] = 4 * size
+    return max(1, min(CHUNK, CHUNK_BYTES // max(sum(per_sample.values()), 1)))
 
 
 def _signature(graph: onnx.GraphProto) -> tuple:
@@ -484,19 +580,9 @@ class SessionFiles:
     def _detach(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of ``model`` whose big in-memory initializers refer to ``original.data``; they
         are never copied in memory (a protobuf keeps cleared fields' memory until it is freed)."""
-        copy = copy_without_initializers(model)
         location = str(self.dir / f"{self.prefix}original.data")
         track_temp(location)  # an interruption removes it (onnxlr.model.io.remove_temp_files)
-        with open(location, "wb") as f:
-            for tensor in model.graph.initializer:
-                new = copy.graph.initializer.add()
-                if (tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() < _BIG
-                        or tensor.data_type == onnx.TensorProto.STRING):
-                    new.CopyFrom(tensor)
-                    continue
-                copy_fields(tensor, new, skip=_DATA_FIELDS)
-                _refer(new, location, _append(f, _tensor_bytes(tensor)))
-        return copy
+        return detach_weights(model, location)
 
     def session(self, model: onnx.ModelProto, tensors: list[str] | None, dtypes: dict):
         """A session computing just ``tensors`` (None: the model's outputs): the model cut to the
@@ -512,7 +598,7 @@ class SessionFiles:
                 return None
             prefix = prune_to_outputs(model, wanted)
         if not has_lazy_tensors(prefix) and prefix.ByteSize() < SESSION_BYTES:
-            return make_session(prefix.SerializeToString())
+            return make_session(prefix.SerializeToString(), arena=False)
         self._count += 1
         model_path = self.dir / f"{self.prefix}pass{self._count}.onnx"
         data_path = self.dir / f"{self.prefix}pass{self._count}.data"
@@ -524,18 +610,18 @@ class SessionFiles:
                     if tensor.data_location == onnx.TensorProto.EXTERNAL:
                         source, offset, length = external_info(tensor)
                         if Path(source).parent == self.dir:  # beside: refer to it by name
-                            _refer(tensor, Path(source).name, offset, length)
+                            refer_external(tensor, Path(source).name, offset, length)
                             continue
                         data = read_range(source, offset, length)
-                    elif tensor.ByteSize() >= _BIG and tensor.data_type != onnx.TensorProto.STRING:
-                        data = _tensor_bytes(tensor)
+                    elif tensor.ByteSize() >= BIG_INITIALIZER and tensor.data_type != onnx.TensorProto.STRING:
+                        data = tensor_bytes(tensor)
                     else:
                         continue
-                    _refer(tensor, data_path.name, _append(f, data))
+                    refer_external(tensor, data_path.name, *append_aligned(f, data))
                     del data
             model_path.write_bytes(prefix.SerializeToString())
             del prefix
-            return make_session(str(model_path))
+            return make_session(str(model_path), arena=False)
         finally:
             for path in (model_path, data_path):
                 path.unlink(missing_ok=True)
@@ -543,11 +629,6 @@ class SessionFiles:
 
     def close(self) -> None:
         self._cleanup()
-
-
-_BIG = 1024  # tensors at least this big (serialized) go to a data file
-_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
-                "external_data", "data_location")
 
 
 def _remove_prefixed(folder: str, prefix: str) -> None:
@@ -564,36 +645,6 @@ def _temp_parent(model: onnx.ModelProto) -> str | None:
             return folder
         break
     return None
-
-
-def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:
-    """The tensor's raw little-endian bytes (raw_data, or its typed fields converted)."""
-    if tensor.HasField("raw_data"):
-        return tensor.raw_data
-    from onnx import numpy_helper
-
-    return numpy_helper.to_array(tensor).tobytes()
-
-
-def _append(f, data: bytes) -> tuple[int, int]:
-    """Write ``data`` at the next 4 kB boundary of ``f``; returns (offset, length)."""
-    offset = f.tell()
-    pad = (-offset) % 4096
-    f.write(b"\0" * pad)
-    f.write(data)
-    return offset + pad, len(data)
-
-
-def _refer(tensor: onnx.TensorProto, location: str, offset_length: tuple[int, int] | int, length: int | None = None) -> None:
-    """Point ``tensor`` at ``location`` (its bytes at offset, length there), dropping in-memory data."""
-    offset, length = offset_length if length is None else (offset_length, length)
-    for field in _DATA_FIELDS:
-        tensor.ClearField(field)
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def _run(session, feed, tensors) -> dict[str, np.ndarray]:
@@ -617,10 +668,11 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit_mome
     if isinstance(fit_moments[0], fit.ReducedMoments) and not method.whitened:
         return replacement, (f"calib: the input is too wide for full statistics and {method.name}'s refit needs "
                              "them; data-free factors kept")
-    weights = layer_matrices(layer)
+    blockwise = isinstance(fit_moments[0], fit.ReducedMoments | fit.RowMoments)
+    weights = layer_matrices(layer, keep_dtype=blockwise)  # such fits work on blocks of the float32 W
     t_g = weights[0].shape[0]
     biases = [None if bias is None else bias[gi * t_g : (gi + 1) * t_g] for gi in range(len(weights))]
-    free_maps = group_blocks(layer, replacement.low_rank_weight())
+    free_maps = _free_maps(layer, replacement)
 
     def error(maps, new_biases, moments):
         errs = [fit.output_error(w, b, wn, bn, m) for w, b, wn, bn, m in zip(weights, biases, maps, new_biases, moments)]
@@ -640,15 +692,19 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit_mome
     if fit_moments[0].paired:
         views.append((lambda ms: [m.original_view() for m in ms], None, "original"))
     shrinks = (False, True) if method.whitened else (False,)
-    views = [(view, ridge, source, sh) for sh in shrinks for view, ridge, source in views]
+    views = [(view, ridge, source, sh) for view, ridge, source in views for sh in shrinks]
 
     def candidate(moments, ridge, sh):
         return method.refit(layer, replacement, weights, biases, moments, fit_bias, paired_ridge=ridge, shrink=sh)
 
     scored = []
-    for i, (view, ridge, _, sh) in enumerate(views):
-        refitted = candidate(view(fit_moments), ridge, sh)
+    for i, (view, ridge, source, sh) in enumerate(views):
+        moments = view(fit_moments)
+        refitted = candidate(moments, ridge, sh)
         scored.append((error(refitted.maps, refitted.biases, check), i))
+        if i + 1 == len(views) or views[i + 1][2] != source:
+            for m in moments:  # this source's whitenings are done with (n x n arrays: memory)
+                m.forget()
     after, best = min(scored)
     where = "held-out" if has_held else "calibration"
     if errors is not None:
@@ -669,6 +725,15 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit_mome
         how.append("shrunk covariance")
     how = f" ({'; '.join(how)})" if how else ""
     return new, f"calib: {where} output error {before:.4g} -> {after:.4g}{how}"
+
+
+def _free_maps(layer, replacement: Replacement) -> list:
+    """The data-free replacement's map per group: as its two factors (fit.LowRank) for a linear
+    layer whose product was not materialized (too big), else dense [T_g, n]."""
+    if replacement.reconstruction is None and isinstance(layer, LinearLayer) and len(replacement.steps) == 2:
+        first, second = (np.asarray(step.weight) for step in replacement.steps)  # x @ first @ second
+        return [fit.LowRank(second.T, first.T)]
+    return group_blocks(layer, replacement.low_rank_weight())
 
 
 def _size(nbytes: int) -> str:

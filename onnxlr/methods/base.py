@@ -9,6 +9,15 @@ the record only names them):
     refit(layer, replacement, moments, fit_bias, paired_ridge, shrink) -> Fit
                                          data-aware factor values at the same ranks (onnxlr.calib)
     rebuild(layer, replacement, fit) -> Replacement
+    factorize_many(layer, specs, round_to) -> [(Replacement, RankLog) | OnnxlrError]
+                                         one result per spec, each equal to factorize's (an error
+                                         in place of a spec that fails); methods whose spectra
+                                         cost most compute them once per layer, the default
+                                         calls factorize per spec
+    input_space(layer, replacement)      optional: per group, an orthonormal basis P [m, n] of the
+                       -> [P_g]          inputs every refit of this replacement reads (its fixed
+                                         first factors), so that calibration keeps the moments of
+                                         P x alone (onnxlr.calib.fit.ProjectedMoments)
 
 ``whitened`` marks the methods whose refit is an activation-aware truncation (SVD-like): for them
 calibration also tries the paired ridges and the shrunk covariance (see onnxlr.calib.fit).
@@ -21,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnxlr.errors import OnnxlrError
 from onnxlr.layers import ConvLayer, LinearLayer, Replacement
 from onnxlr.ranks import RankLog, RankSpec
 
@@ -44,6 +54,24 @@ class Method:
     refit: Callable[..., Fit]
     rebuild: Callable[[ConvLayer | LinearLayer, Replacement, Fit], Replacement]
     whitened: bool = False
+    input_space: Callable[[ConvLayer | LinearLayer, Replacement], list[np.ndarray]] | None = None
+    factorize_many: Callable[[ConvLayer | LinearLayer, list, int], list] | None = None
+
+    def __post_init__(self):
+        if self.factorize_many is None:
+            object.__setattr__(self, "factorize_many", lambda layer, specs, round_to: each_spec(
+                lambda spec: self.factorize(layer, spec, round_to), specs))
+
+
+def each_spec(build: Callable, specs: list) -> list:
+    """``build(spec)`` for every spec, an OnnxlrError in place of a spec that fails."""
+    out = []
+    for spec in specs:
+        try:
+            out.append(build(spec))
+        except OnnxlrError as exc:
+            out.append(exc)
+    return out
 
 
 def fixed_or_chosen(ranks: RankSpec | dict, key: str, choose: Callable[[], int]) -> int:
@@ -51,11 +79,13 @@ def fixed_or_chosen(ranks: RankSpec | dict, key: str, choose: Callable[[], int])
     return int(ranks[key]) if isinstance(ranks, dict) else choose()
 
 
-def layer_matrices(layer: ConvLayer | LinearLayer) -> list[np.ndarray]:
+def layer_matrices(layer: ConvLayer | LinearLayer, keep_dtype: bool = False) -> list[np.ndarray]:
     """W_g [T_g, n] per group, float64: y = W_g x (+ b), x a channel vector or an im2col patch
-    (input channels of the group first, then the kernel taps: the order of weight.reshape)."""
+    (input channels of the group first, then the kernel taps: the order of weight.reshape).
+    ``keep_dtype``: a linear layer's float32 weight as a transposed view, no float64 copy (for
+    wide layers, whose fits work on blocks of it)."""
     if isinstance(layer, LinearLayer):
-        return [np.asarray(layer.weight, dtype=np.float64).T]
+        return [(np.asarray(layer.weight) if keep_dtype else np.asarray(layer.weight, dtype=np.float64)).T]
     return [np.asarray(w, dtype=np.float64).reshape(w.shape[0], -1) for w in layer.group_weights()]
 
 

@@ -25,6 +25,15 @@ def factorize(layer: ConvLayer, ranks: RankSpec | dict, round_to: int) -> tuple[
     replacement.method = "channel"
     return replacement, log
 
+
+def factorize_many(layer: ConvLayer, specs: list, round_to: int) -> list:
+    results = svd.factorize_many(layer, specs, round_to)
+    for r in results:
+        if isinstance(r, tuple):
+            r[0].method = "channel"
+    return results
+
+
 METHOD = Method(
     name="channel",
     summary="KxK conv: KxK S->R (original attributes), 1x1 R->T (bias)",
@@ -33,4 +42,5 @@ METHOD = Method(
     refit=svd.refit,
     rebuild=svd.rebuild,
     whitened=True,
+    factorize_many=factorize_many,
 )

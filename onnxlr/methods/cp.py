@@ -28,9 +28,9 @@ import scipy.linalg
 
 from onnxlr.calib import fit
 from onnxlr.layers import ConvLayer, ConvStep, Replacement
-from onnxlr.methods.base import Fit, Method, needs_kxk_conv
+from onnxlr.methods.base import Fit, Method, each_spec, needs_kxk_conv
 from onnxlr.methods.linalg import left_singular, unfold
-from onnxlr.methods.tucker import project
+from onnxlr.methods.tucker import layer_spectra, project
 from onnxlr.ranks import RankLog, RankSpec, cp_rank
 
 # (output-mode spectra, input-mode spectra, T_g, S_g, kernel) -> R, one spectrum per group
@@ -168,10 +168,11 @@ def reconstruct(factors: list[np.ndarray]) -> np.ndarray:
     return (factors[0] @ khatri_rao.T).reshape([f.shape[0] for f in factors])
 
 
-def cp_chain(layer: ConvLayer, choose: CpRankChooser) -> Replacement:
+def cp_chain(layer: ConvLayer, choose: CpRankChooser, decompositions: list | None = None) -> Replacement:
+    """``decompositions``: the layer's :func:`onnxlr.methods.tucker.layer_spectra`, when the caller has them."""
     groups = [np.asarray(w, dtype=np.float64) for w in layer.group_weights()]
     t_g, s_g = groups[0].shape[:2]
-    decompositions = [(left_singular(unfold(w, 0)), left_singular(unfold(w, 1))) for w in groups]
+    decompositions = decompositions or layer_spectra(layer)
     spectra = [(out[0], inp[0]) for out, inp in decompositions]
     rank = choose([s[0] for s in spectra], [s[1] for s in spectra], t_g, s_g, layer.kernel)
     per_group = [cp_factors(w, rank, bases=(out[1], inp[1])) for w, (out, inp) in zip(groups, decompositions)]
@@ -229,7 +230,8 @@ def cp_chain(layer: ConvLayer, choose: CpRankChooser) -> Replacement:
 # --- the method -----------------------------------------------------------------------------
 
 
-def factorize(layer: ConvLayer, ranks: RankSpec | dict, round_to: int) -> tuple[Replacement, RankLog]:
+def factorize(layer: ConvLayer, ranks: RankSpec | dict, round_to: int,
+              decompositions: list | None = None) -> tuple[Replacement, RankLog]:
     log = RankLog()
     group_shape = layer.group_weights()[0].shape
 
@@ -238,7 +240,12 @@ def factorize(layer: ConvLayer, ranks: RankSpec | dict, round_to: int) -> tuple[
             return int(ranks["rank"])
         return cp_rank(ranks, out, inp, group_shape, round_to, log)
 
-    return cp_chain(layer, choose), log
+    return cp_chain(layer, choose, decompositions), log
+
+
+def factorize_many(layer: ConvLayer, specs: list, round_to: int) -> list:
+    decompositions = layer_spectra(layer)
+    return each_spec(lambda spec: factorize(layer, spec, round_to, decompositions), specs)
 
 
 def chain_maps(layer: ConvLayer, replacement: Replacement) -> list[np.ndarray]:
@@ -286,8 +293,14 @@ def refit(layer: ConvLayer, replacement: Replacement, weights, biases, moments, 
                              moments, fit_bias)
 
 
+def input_space(layer: ConvLayer, replacement: Replacement) -> list[np.ndarray]:
+    """Per group, the row space of the chain before the last 1x1 conv (the refit keeps it)."""
+    return [fit.row_space(b) for b in chain_maps(layer, replacement)]
+
+
 METHOD = Method(
     name="cp",
     summary="KxK conv: 1x1 S->R, depthwise Kx1 and 1xK (group R), 1x1 R->T (bias)",
     check=needs_kxk_conv("cp"), factorize=factorize, refit=refit, rebuild=rebuild_last_factor,
+    input_space=input_space, factorize_many=factorize_many,
 )

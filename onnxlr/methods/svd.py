@@ -26,7 +26,7 @@ import numpy as np
 
 from onnxlr.calib import fit
 from onnxlr.layers import ConvLayer, ConvStep, LinearLayer, LinearStep, Replacement
-from onnxlr.methods.base import Fit, Method, fixed_or_chosen
+from onnxlr.methods.base import Fit, Method, each_spec, fixed_or_chosen
 from onnxlr.methods.linalg import left_singular, working_dtype
 from onnxlr.ranks import RankLog, RankSpec, svd_rank
 
@@ -55,12 +55,12 @@ def spectrum_and_factor(matrix: np.ndarray) -> tuple[np.ndarray, Callable[[int],
     return singular_values, factor
 
 
-def truncated(matrix: np.ndarray, choose: RankChooser) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(P, Q, singular values) for one matrix with the rank picked by ``choose``."""
-    singular_values, factor = spectrum_and_factor(matrix)
-    rank = choose([singular_values], min(matrix.shape))
-    first, second = factor(rank)
-    return first, second, singular_values
+def decompositions(layer: ConvLayer | LinearLayer) -> list:
+    """Per group, (singular values, rank -> (P, Q)) of the matrix the SVD is taken of: the
+    expensive part, which every rank of the layer shares."""
+    if isinstance(layer, LinearLayer):
+        return [spectrum_and_factor(layer.weight)]
+    return [spectrum_and_factor(w.reshape(w.shape[0], -1).T) for w in layer.group_weights()]  # [S_g*k, T_g]
 
 
 # Above this many weight entries the reconstruction is not materialized (a 25088 x 4096 FC
@@ -75,8 +75,9 @@ def discarded_energy_error(singular_values: np.ndarray, rank: int) -> float:
     return float(np.sqrt(power[rank:].sum() / total)) if total > 0 else 0.0
 
 
-def linear_chain(layer: LinearLayer, choose: RankChooser) -> Replacement:
-    first, second, singular_values = truncated(layer.weight, choose)
+def linear_chain(layer: LinearLayer, choose: RankChooser, decomposed: list | None = None) -> Replacement:
+    singular_values, factor = (decomposed or decompositions(layer))[0]
+    first, second = factor(choose([singular_values], min(layer.weight.shape)))
     rank = first.shape[1]
     small = layer.weight.size <= MAX_RECONSTRUCTION_SIZE
     return Replacement(
@@ -88,12 +89,11 @@ def linear_chain(layer: LinearLayer, choose: RankChooser) -> Replacement:
     )
 
 
-def conv_chain(layer: ConvLayer, choose: RankChooser) -> Replacement:
+def conv_chain(layer: ConvLayer, choose: RankChooser, decomposed: list | None = None) -> Replacement:
     """SVD of each group's [T_g, S_g * prod(kernel)] matrix; the first conv keeps the kernel."""
     groups = layer.group_weights()
-    matrices = [w.reshape(w.shape[0], -1).T for w in groups]  # [S_g*k, T_g]: y = x @ M
-    spectra_and_factors = [spectrum_and_factor(m) for m in matrices]
-    full = min(matrices[0].shape)
+    spectra_and_factors = decomposed or decompositions(layer)  # of M [S_g*k, T_g]: y = x @ M
+    full = min(matrix_shape(layer))
     rank = choose([sv for sv, _ in spectra_and_factors], full)
     firsts, seconds = zip(*(factor(rank) for _, factor in spectra_and_factors))
     in_per_group = layer.weight.shape[1]
@@ -130,7 +130,8 @@ def matrix_shape(layer: ConvLayer | LinearLayer) -> tuple[int, int]:
     return int(np.prod(group_shape[1:])), int(group_shape[0])
 
 
-def factorize(layer: ConvLayer | LinearLayer, ranks: RankSpec | dict, round_to: int) -> tuple[Replacement, RankLog]:
+def factorize(layer: ConvLayer | LinearLayer, ranks: RankSpec | dict, round_to: int,
+              decomposed: list | None = None) -> tuple[Replacement, RankLog]:
     log = RankLog()
     shape = matrix_shape(layer)
 
@@ -138,8 +139,13 @@ def factorize(layer: ConvLayer | LinearLayer, ranks: RankSpec | dict, round_to: 
         return fixed_or_chosen(ranks, "rank", lambda: svd_rank(ranks, spectra, shape, round_to, log))
 
     if isinstance(layer, LinearLayer):
-        return linear_chain(layer, choose), log
-    return conv_chain(layer, choose), log
+        return linear_chain(layer, choose, decomposed), log
+    return conv_chain(layer, choose, decomposed), log
+
+
+def factorize_many(layer: ConvLayer | LinearLayer, specs: list, round_to: int) -> list:
+    decomposed = decompositions(layer)
+    return each_spec(lambda spec: factorize(layer, spec, round_to, decomposed), specs)
 
 
 def check(layer) -> str | None:
@@ -152,22 +158,36 @@ def refit(layer, replacement: Replacement, weights, biases, moments, fit_bias: b
           paired_ridge: float | None = None, shrink: bool = False) -> Fit:
     """Activation-aware truncation at the same rank (calib.fit.whitened_svd), per group."""
     rank = replacement.ranks["rank"]
-    parts = [fit.reduced_whitened_svd(w, b, m, rank, fit_bias, shrink=fit.shrinkage(m) if shrink else 0.0)
-             if isinstance(m, fit.ReducedMoments) else
-             fit.whitened_svd(w, b, m, rank, fit_bias, paired_ridge=paired_ridge,
-                              shrink=fit.shrinkage(m) if shrink else 0.0)
-             for w, b, m in zip(weights, biases, moments)]
-    return Fit([q @ p for p, q, _ in parts], [nb for _, _, nb in parts], parts)
+    parts = []  # per group (LowRank Q P, b')
+    for w, b, m in zip(weights, biases, moments):
+        amount = fit.shrinkage(m) if shrink else 0.0
+        if isinstance(m, fit.ReducedMoments):
+            parts.append(fit.reduced_whitened_svd(w, b, m, rank, fit_bias, shrink=amount))
+        elif isinstance(m, fit.RowMoments):
+            parts.append(fit.rows_whitened_svd(w, b, m, rank, fit_bias, paired_ridge=paired_ridge, shrink=amount))
+        else:
+            p, q, new_bias = fit.whitened_svd(w, b, m, rank, fit_bias, paired_ridge=paired_ridge, shrink=amount)
+            parts.append((fit.LowRank(q, p), new_bias))
+    return Fit([low for low, _ in parts], [nb for _, nb in parts], parts)
 
 
 def rebuild(layer, replacement: Replacement, refitted: Fit) -> Replacement:
     """The chain with the refitted factors P [R, n] (first step) and Q [T_g, R] (second)."""
-    parts = refitted.parts
     if isinstance(layer, LinearLayer):
-        p, q, _ = parts[0]
+        low = refitted.parts[0][0]
+        big = layer.weight.size > MAX_RECONSTRUCTION_SIZE
+        p, q = low.p_as(layer.weight.dtype if big else np.float64), low.q  # a big P is formed once, in its dtype
         steps = [LinearStep(p.T), LinearStep(q.T)]
+        if big:  # its error from the factors, as factorize does
+            w = low.w if low.w is not None else layer.weight.T  # [T, n], no copy
+            w_norm = float(np.sum(np.square(w, dtype=np.float64)))
+            cross, new_norm = low.inner_and_norm(w)
+            error = float(np.sqrt(max(w_norm - 2 * cross + new_norm, 0.0) / max(w_norm, 1e-300)))
+            return replace(replacement, steps=steps, reconstruction=None, weight_rel_error=error,
+                           notes=list(replacement.notes))
         reconstruction = (q @ p).T
     else:
+        parts = [(low.p, low.q, low) for low, _ in refitted.parts]
         g_, kernel, s_g = layer.group, layer.kernel, layer.weight.shape[1]
         t_g, ones = layer.out_channels // g_, (1,) * layer.spatial_rank
         rank = replacement.ranks["rank"]
@@ -182,5 +202,5 @@ def rebuild(layer, replacement: Replacement, refitted: Fit) -> Replacement:
 METHOD = Method(
     name="svd",
     summary="Gemm/MatMul: x @ P (R wide) @ Q (+C); 1x1 conv: 1x1 S->R, 1x1 R->T (bias)",
-    check=check, factorize=factorize, refit=refit, rebuild=rebuild, whitened=True,
+    check=check, factorize=factorize, refit=refit, rebuild=rebuild, whitened=True, factorize_many=factorize_many,
 )

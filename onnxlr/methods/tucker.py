@@ -22,7 +22,7 @@ import numpy as np
 
 from onnxlr.calib import fit
 from onnxlr.layers import ConvLayer, ConvStep, Replacement
-from onnxlr.methods.base import Fit, Method, needs_kxk_conv
+from onnxlr.methods.base import Fit, Method, each_spec, needs_kxk_conv
 from onnxlr.methods.linalg import left_singular, unfold
 from onnxlr.ranks import RankLog, RankSpec, tucker_ranks
 
@@ -58,9 +58,14 @@ def hooi(weight: np.ndarray, u_out: np.ndarray, u_in: np.ndarray, sweeps: int = 
     return u_out, u_in
 
 
-def tucker2_chain(layer: ConvLayer, choose: TuckerRankChooser) -> Replacement:
+def layer_spectra(layer: ConvLayer) -> list:
+    """Per group, :func:`channel_spectra`: the part every rank of the layer shares."""
+    return [channel_spectra(np.asarray(w, dtype=np.float64)) for w in layer.group_weights()]
+
+
+def tucker2_chain(layer: ConvLayer, choose: TuckerRankChooser, spectra: list | None = None) -> Replacement:
     groups = [np.asarray(w, dtype=np.float64) for w in layer.group_weights()]
-    spectra = [channel_spectra(w) for w in groups]
+    spectra = spectra or layer_spectra(layer)
     t_g, s_g = groups[0].shape[:2]
     r4, r3 = choose([s[0][0] for s in spectra], [s[1][0] for s in spectra], t_g, s_g)
 
@@ -100,7 +105,8 @@ def tucker2_chain(layer: ConvLayer, choose: TuckerRankChooser) -> Replacement:
 # --- the method -----------------------------------------------------------------------------
 
 
-def factorize(layer: ConvLayer, ranks: RankSpec | dict, round_to: int) -> tuple[Replacement, RankLog]:
+def factorize(layer: ConvLayer, ranks: RankSpec | dict, round_to: int,
+              spectra: list | None = None) -> tuple[Replacement, RankLog]:
     log = RankLog()
     group_shape = layer.group_weights()[0].shape
 
@@ -109,7 +115,12 @@ def factorize(layer: ConvLayer, ranks: RankSpec | dict, round_to: int) -> tuple[
             return int(ranks["rank_out"]), int(ranks["rank_in"])
         return tucker_ranks(ranks, out, inp, group_shape, round_to, log)
 
-    return tucker2_chain(layer, choose), log
+    return tucker2_chain(layer, choose, spectra), log
+
+
+def factorize_many(layer: ConvLayer, specs: list, round_to: int) -> list:
+    spectra = layer_spectra(layer)
+    return each_spec(lambda spec: factorize(layer, spec, round_to, spectra), specs)
 
 
 def refit(layer: ConvLayer, replacement: Replacement, weights, biases, moments, fit_bias: bool,
@@ -132,6 +143,14 @@ def refit(layer: ConvLayer, replacement: Replacement, weights, biases, moments, 
     return Fit([u @ chain for u, chain, _, _ in parts], [nb for _, _, nb, _ in parts], parts)
 
 
+def input_space(layer: ConvLayer, replacement: Replacement) -> list[np.ndarray]:
+    """Per group, U_in^T (x) I_k orthonormalized: the refit keeps U_in (the first 1x1 conv)."""
+    r3, s_g = replacement.steps[0].weight.shape[0] // layer.group, layer.weight.shape[1]
+    first = replacement.steps[0].weight.reshape(layer.group * r3, s_g).astype(np.float64)
+    eye = np.eye(int(np.prod(layer.kernel)))
+    return [fit.row_space(np.kron(first[gi * r3 : (gi + 1) * r3], eye)) for gi in range(layer.group)]
+
+
 def rebuild(layer: ConvLayer, replacement: Replacement, refitted: Fit) -> Replacement:
     steps, parts = replacement.steps, refitted.parts
     g_, kernel, s_g = layer.group, layer.kernel, layer.weight.shape[1]
@@ -148,5 +167,6 @@ def rebuild(layer: ConvLayer, replacement: Replacement, refitted: Fit) -> Replac
 METHOD = Method(
     name="tucker",
     summary="KxK conv: 1x1 S->R3, KxK R3->R4 (original attributes), 1x1 R4->T (bias)",
-    check=needs_kxk_conv("tucker"), factorize=factorize, refit=refit, rebuild=rebuild,
+    check=needs_kxk_conv("tucker"), factorize=factorize, refit=refit, rebuild=rebuild, input_space=input_space,
+    factorize_many=factorize_many,
 )

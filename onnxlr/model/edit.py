@@ -10,13 +10,28 @@ as inputs (IR < 4), and subgraphs.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxlr.model.io import tensor_to_array
-from onnxlr.model.query import NameScope, all_names, constants_in, count_uses, expose_outputs, iter_graphs
-
+from onnxlr.model.io import (
+    BIG_INITIALIZER,
+    DATA_FIELDS,
+    append_aligned,
+    refer_external,
+    tensor_bytes,
+    tensor_to_array,
+)
+from onnxlr.model.query import (
+    NameScope,
+    all_names,
+    constants_in,
+    count_uses,
+    expose_outputs,
+    iter_graphs,
+)
 
 # Ops whose result on constants is exact (data movement, fills, dtype casts): evaluating them with
 # onnx.reference gives bit for bit what onnxruntime would compute. Arithmetic is left alone.
@@ -227,6 +242,25 @@ def copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy_fields(model, copy, skip=("graph",))
     copy_fields(model.graph, copy.graph, skip=("initializer",))
+    return copy
+
+
+def detach_weights(model: onnx.ModelProto, location: str | os.PathLike) -> onnx.ModelProto:
+    """A copy of ``model`` whose big in-memory initializers live in the file ``location`` (an
+    absolute path, written here) as external data, read back memory-mapped (a lazily loaded model,
+    see onnxlr.model.io.load_model): ``model`` can then be freed. Tensors already external are
+    referred to where they are. The caller removes the file once nothing refers to it."""
+    location = str(location)
+    copy = copy_without_initializers(model)
+    with open(location, "wb") as f:
+        for tensor in model.graph.initializer:
+            new = copy.graph.initializer.add()
+            if (tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() < BIG_INITIALIZER
+                    or tensor.data_type == onnx.TensorProto.STRING):
+                new.CopyFrom(tensor)
+                continue
+            copy_fields(tensor, new, skip=DATA_FIELDS)
+            refer_external(new, location, *append_aligned(f, tensor_bytes(tensor)))
     return copy
 
 

@@ -131,6 +131,40 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(copy)
 
 
+#: Initializers at least this big (serialized) go to a weights file (see onnxlr.model.edit.detach_weights).
+BIG_INITIALIZER = 1024
+DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
+               "external_data", "data_location")
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> bytes:
+    """The tensor's raw little-endian bytes (raw_data, or its typed fields converted)."""
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return numpy_helper.to_array(tensor).tobytes()
+
+
+def append_aligned(f, data: bytes) -> tuple[int, int]:
+    """Write ``data`` at the next 4 kB boundary of ``f`` (onnxruntime memory-maps aligned external
+    data); returns (offset, length)."""
+    offset = f.tell()
+    pad = (-offset) % 4096
+    f.write(b"\0" * pad)
+    f.write(data)
+    return offset + pad, len(data)
+
+
+def refer_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Point ``tensor`` at ``location`` (its bytes at offset, length there), dropping in-memory data."""
+    for name in DATA_FIELDS:
+        tensor.ClearField(name)
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
 def read_range(location: str, offset: int, length: int) -> bytes:
     with open(location, "rb") as f:
         f.seek(offset)

@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from onnxlr.errors import OnnxlrError
-from onnxlr.layers import ConvStep, LinearStep
+from onnxlr.layers import ConvStep, LinearStep, Replacement
 
 Step = ConvStep | LinearStep
 
@@ -289,3 +289,19 @@ def fake_quantize_chain(steps: list[Step], *, per_channel: bool, bits: int = 8) 
         w = fake_quantize(step.weight, per_channel=per_channel, axis=axis, bits=bits)
         out.append(LinearStep(w) if isinstance(step, LinearStep) else replace(step, weight=w))
     return out
+
+
+def balance_replacement(replacement: Replacement) -> Replacement:
+    """The replacement with its factors balanced (same product; :func:`balance_chain`) and a note
+    of the worst per-channel range spread before and after; a one-step replacement as it is."""
+    if len(replacement.steps) < 2:
+        return replacement
+
+    def spread(steps) -> float:
+        return max(max(r.out_spread, r.in_spread) for r in chain_ranges(steps))
+
+    before = spread(replacement.steps)
+    steps = balance_chain(replacement.steps)
+    balanced = replace(replacement, steps=steps, notes=list(replacement.notes))
+    balanced.notes.append(f"factors balanced for int8: channel range spread {before:.3g} -> {spread(steps):.3g}")
+    return balanced

@@ -1,0 +1,177 @@
+"""Budgets that plan on the shipped precision: ``--target-speedup X --quantize int8``.
+
+* Layers and candidate chains are timed quantized, under cache keys of their own (fp32 and int8
+  times never mix; per-channel and per-tensor neither).
+* Every check of the solver and the final re-time measure the int8 model; the final re-time also
+  runs the int8 original, and report.budget gives the speedup against it.
+* Full-pass damages run the candidate's chain with int8-rounded weights.
+* The written file is the int8 model the budget measured: verify of it on the held-out samples
+  gives the report's error.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from builders import cnn_model
+
+from onnxlr import data
+from onnxlr import model as g
+from onnxlr.budget import allocate as budget
+from onnxlr.budget import damage, latency
+from onnxlr.budget.sweep import sweep
+from onnxlr.cli import main
+from onnxlr.layers import LinearStep
+from onnxlr.model.targets import find_targets
+from onnxlr.pipeline import CompressConfig, compress
+from onnxlr.quant import QuantizeConfig
+
+pytestmark = pytest.mark.usefixtures("fast_timing")
+
+
+def _quantized(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def _calib(tmp_path, n=40, seed=0, channels=3, spatial=8):
+    x = np.random.default_rng(seed).standard_normal((n, channels, spatial, spatial)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    return x
+
+
+def test_int8_layer_timings_are_of_quantized_models_under_their_own_cache_keys(tmp_path, monkeypatch):
+    work = cnn_model(channels=(3, 16, 16), spatial=8)
+    targets = find_targets(work, g.infer_shapes(work))
+    conv2 = next(t for t in targets if t.name == "conv2")
+    from onnxlr.methods import get
+    from onnxlr.ranks import RankSpec
+
+    chains = [get("tucker").factorize(conv2.layer, RankSpec("fraction", f), 1)[0] for f in (0.25, 0.5)]
+    timed: list = []
+    real = latency.time_models
+
+    def capture(models, *args, **kwargs):
+        timed.append(list(models))
+        return real(models, *args, **kwargs)
+
+    monkeypatch.setattr(latency, "time_models", capture)
+    cache = latency.LatencyCache(tmp_path)
+    for quantize in (None, QuantizeConfig(), QuantizeConfig(per_channel=False)):
+        latency.time_layer(conv2, (1, 16, 8, 8), {}, chains, 17, 8, cache=cache, threads=1, quantize=quantize)
+    assert len(cache.data) == 3 * 3  # reference + 2 chains, at three precisions: nothing shared
+    fp32, per_channel, per_tensor = timed
+    assert not any(_quantized(m) for m in fp32)
+    assert all(_quantized(m) for m in per_channel + per_tensor)
+    axes = [{a.i for n in m.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"}
+            for m in per_channel + per_tensor]
+    assert all(axes[:3]) and not any(axes[3:])  # per-channel DequantizeLinear carries an axis
+    # the same int8 timing again comes from the cache: no model is timed
+    latency.time_layer(conv2, (1, 16, 8, 8), {}, chains, 17, 8, cache=cache, threads=1, quantize=QuantizeConfig())
+    assert len(timed) == 3
+    assert latency.precision_tag(None, 17) == "fp32"
+    assert latency.precision_tag(QuantizeConfig(mode="dynamic"), 17) != latency.precision_tag(QuantizeConfig(), 17)
+
+
+def test_an_int8_plan_measures_int8_models_and_reports_both_speedups(tmp_path, monkeypatch):
+    model = cnn_model(channels=(4, 32, 32), spatial=8)
+    _calib(tmp_path, n=20, channels=4)
+    measured, damaged = [], []
+    real_measure, real_build = budget.measure_timed, damage.build_model
+
+    def capture_measure(plan, candidate, *args, **kwargs):
+        measured.append((candidate, kwargs.get("int8_original", False)))
+        return real_measure(plan, candidate, *args, **kwargs)
+
+    def capture_build(plan, choice):
+        damaged.extend(c.replacement for c in choice.values())
+        return real_build(plan, choice)
+
+    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)  # every candidate is scored, fast or not
+    monkeypatch.setattr(budget, "measure_timed", capture_measure)
+    monkeypatch.setattr(damage, "build_model", capture_build)
+    out, report = compress(model, target_speedup=1.5, calib=str(tmp_path / "calib.npz"), damage="full",
+                           quantize=QuantizeConfig(), cache_dir=tmp_path)
+    info = report.budget
+    assert info["precision"].startswith("int8:static:per-channel")
+    # every check and the final re-time measured a quantized model; the last ran the int8 original too
+    assert measured and all(_quantized(m) for m, _ in measured)
+    assert [with_int8 for _, with_int8 in measured][-1] is True
+    assert info["speedup_vs_int8_original"] > 0 and info["int8_original_ms"] > 0
+    assert len(info["speedup_vs_int8_original_p10_p90"]) == 2
+    assert info["timing"]["int8_original_ms"] == info["int8_original_ms"]
+    assert info["reference_ms"] != info["model_ms"]  # fp32 original and int8 original were timed apart
+    assert info["int8_original_error"] > 0
+    assert any("planned and measured as int8" in n for n in report.model_notes)
+    # full-pass damages ran chains whose weights sit on a symmetric int8 grid per output channel
+    assert damaged
+    for rep in damaged:
+        step = rep.steps[0]
+        w = np.asarray(step.weight, dtype=np.float64)
+        w = w.T if isinstance(step, LinearStep) else w  # one row per output channel
+        w = w.reshape(len(w), -1)
+        scale = np.abs(w).max(axis=1, keepdims=True) / 127
+        levels = w / np.where(scale > 0, scale, 1)
+        assert np.allclose(levels, np.round(levels), atol=1e-3)
+    assert _quantized(out)
+
+
+def test_an_int8_budget_writes_the_int8_model_it_measured(tmp_path, monkeypatch):
+    """verify of the written int8 file on the held-out samples gives the error the budget's report
+    states, and the chosen layers are the replaced ones, with the budget's ranks."""
+    monkeypatch.setattr(budget, "CHECK_SAMPLES", 32)  # the held-out set of 40 samples: 8
+    monkeypatch.setattr(budget, "MAX_LAYER_DAMAGE", 10.0)
+
+    def time_layer(target, input_shape, shapes, candidates, *args, **kwargs):
+        """Every candidate saves time, smaller ranks more: the choice does not hang on timing noise."""
+        params = [sum(step.weight.size for step in c.steps) for c in candidates]
+        return 1.0, [0.1 + 0.8 * p / max(params) for p in params]
+
+    monkeypatch.setattr(latency, "time_layer", time_layer)
+    model = cnn_model(channels=(3, 32, 32), spatial=8)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = _calib(tmp_path)
+    out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    assert main(["compress", str(tmp_path / "m.onnx"), "-o", str(out), "--target-speedup", "3",
+                 "--calib", str(tmp_path / "calib.npz"), "--quantize", "int8", "--report", str(report_path),
+                 "--cache-dir", str(tmp_path)]) == 0
+    report = json.loads(report_path.read_text())
+    chosen = report["budget"]["chosen"]
+    assert chosen, report["notes"]
+    assert _quantized(onnx.load(str(out)))
+    held = np.stack([x[i] for i in range(len(x)) if data.is_held_out(i)])
+    assert len(held) == report["budget"]["check_samples"] == 8
+    np.savez(tmp_path / "held.npz", x=held)
+    assert main(["verify", str(tmp_path / "m.onnx"), str(out), "--inputs", str(tmp_path / "held.npz"),
+                 "--max-rel-error", "none", "--json", str(tmp_path / "v.json")]) == 0
+    (verified,) = json.loads((tmp_path / "v.json").read_text())["outputs"]
+    measured = report["budget"]["measured_error"]
+    assert measured > 0 and abs(verified["rel_error"] - measured) <= 1e-6 * measured
+    rows = {row["output"]: row for row in report["layers"]}
+    for choice in chosen:
+        row = rows[choice["output"]]
+        assert row["method"] == choice["method"] and row["ranks"] == choice["ranks"]
+        assert any("factors balanced for int8" in note for note in row["notes"])
+    replaced = {row["output"] for row in report["layers"] if row["skipped"] is None}
+    assert replaced == {c["output"] for c in chosen}
+
+
+def test_an_int8_sweep_evaluates_int8_models(tmp_path):
+    model = cnn_model(channels=(4, 32, 32), spatial=8)
+    _calib(tmp_path, n=20, channels=4)
+    seen: list = []
+
+    def evaluate(m: onnx.ModelProto) -> float:
+        seen.append(_quantized(m))
+        return 1.0
+
+    result = sweep(model, (1.5,), uniform=(0.5,), evaluate=evaluate,
+                   config=CompressConfig(calib=str(tmp_path / "calib.npz"), quantize=QuantizeConfig(),
+                                         cache_dir=tmp_path))
+    assert result.precision.startswith("int8:")
+    # the fp32 original, then the budget and uniform points and the int8 original, in int8
+    assert seen == [False, True, True, True]
+    assert [p.kind for p in result.points] == ["budget", "uniform", "original"]
+    assert result.points[-1].layers_replaced == 0
