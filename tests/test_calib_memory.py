@@ -260,3 +260,24 @@ def test_a_model_with_external_data_calibrates_from_disk_as_one_in_memory(tmp_pa
     for name, value in _weights(tmp_path / "o_files.onnx").items():
         np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-6)
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_the_two_models_of_a_pass_run_one_after_the_other_with_the_same_result(tmp_path, monkeypatch):
+    """A pass keeps the original model's rows and then runs the compressed model (one session alive
+    at a time) when those rows are small: the factors are exactly those of running both together."""
+    from builders import cnn_model
+
+    from onnxlr.calib import collect
+
+    onnx.save(cnn_model(channels=(3, 16, 16), spatial=8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((20, 3, 8, 8)).astype(np.float32))
+    weights = []
+    for kept in (0, collect.KEPT_ROWS_BYTES):
+        monkeypatch.setattr(collect, "KEPT_ROWS_BYTES", kept)
+        out = tmp_path / f"o{kept}.onnx"
+        assert main(["compress", str(tmp_path / "m.onnx"), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
+                     "--force", "--rank", "0.5"]) == 0
+        weights.append({t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer})
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        np.testing.assert_array_equal(value, weights[1][name], err_msg=name)

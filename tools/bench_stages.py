@@ -60,13 +60,39 @@ def run_point(name: str, stages, folder: Path) -> dict:
             "note": note}
 
 
+def compare_positions(args) -> int:
+    """One row per (model, positions, stages): how many conv positions per sample calibration needs."""
+    from onnxlr.calib import collect
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            for positions in args.positions:
+                collect.CONV_POSITIONS = positions
+                for stages in args.stages:
+                    value = None if stages == "default" else stages if stages == "all" else int(stages)
+                    row = run_point(name, value, Path(tmp)) | {"positions": positions}
+                    rows.append(row)
+                    print(f"{name} positions={positions} stages={stages}: rel err {row['rel_error']:.4g}, "
+                          f"{row['metric_name']} {row['metric']:.4f}, {row['compress_seconds']:.0f} s", flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "positions.json").write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["digits_vgg", "efficientnet-lite0"])
     parser.add_argument("--stages", nargs="+", default=["1", "2", "4", "8", "all", "default"],
                         help="pass counts; 'all': one per layer; 'default': what compress chooses")
     parser.add_argument("--out", type=Path, default=None, help="write stages.json here")
+    parser.add_argument("--positions", nargs="+", type=int, default=None,
+                        help="conv output positions sampled per sample (onnxlr.calib.collect.CONV_POSITIONS) to "
+                             "compare, each at the --stages given")
     args = parser.parse_args(argv)
+    if args.positions:
+        return compare_positions(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:

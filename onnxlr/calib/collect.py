@@ -4,7 +4,8 @@
 (.npz files, folders, loaders, image folders). Each pass exposes the inputs of its layers as the
 outputs of the model's prefix that computes them, and accumulates, per layer, the moments of its
 input vectors (:class:`onnxlr.calib.fit.Moments`): channel vectors for Gemm/MatMul rows, im2col
-patches for convs, at ``POSITIONS_PER_SAMPLE`` seeded random output positions per sample. Memory is
+patches for convs, at ``CONV_POSITIONS`` seeded random output positions per sample (up to
+``ROWS_PER_SAMPLE`` rows of a linear layer's input). Memory is
 the statistics (sized before any pass, scheduled within ``--calib-memory``; wide inputs in a reduced
 basis, :class:`~onnxlr.calib.fit.ReducedMoments`; methods that keep their first factors, in those
 factors' input space, :class:`~onnxlr.calib.fit.ProjectedMoments`) plus one chunk of activations,
@@ -69,7 +70,11 @@ from onnxlr.runtime import make_session, run_session, trim_heap
 log = logging.getLogger("onnxlr")
 
 MODES = ("asymmetric", "symmetric")
-POSITIONS_PER_SAMPLE = 64  # conv output positions (or MatMul rows) sampled per sample
+#: Conv output positions sampled per sample: measured on EfficientNet-Lite0 (auto 0.5 +calib, one
+#: pass per layer), 64 positions gave 73.3% crop agreement (output error 0.328), 256 gave 76.0%
+#: (0.323), for 16% more calibration time (tools/bench_stages.py --positions 64 256).
+CONV_POSITIONS = 256
+ROWS_PER_SAMPLE = 64  # rows of a linear layer's input (tokens of a sentence) sampled per sample
 ASYMMETRIC_STAGES = 4  # the fewest passes the default chooses in asymmetric mode
 #: Calibration time the default number of passes aims at (see Calibrator._default_stages).
 CALIB_SECONDS = 300.0
@@ -84,6 +89,9 @@ CHUNK = 8  # samples per onnxruntime run when the batch is dynamic, at most
 #: ... and fewer when the layers' inputs of one run would pass this many bytes (VGG-16's 224 x 224
 #: activations are 13 MB per sample: its early passes run 2 samples at a time, not 8).
 CHUNK_BYTES = 32 * 2**20
+#: A pass keeps the original model's rows up to this size and runs the two models one after the
+#: other; past it both sessions stay open and run chunk by chunk.
+KEPT_ROWS_BYTES = 256 * 2**20
 #: A pass's model (prefix) up to this size, all in memory, goes to onnxruntime as bytes; a bigger
 #: one, or one with weights on disk (external data), is written to the calibration's temporary
 #: folder with its weights as external data, and onnxruntime reads it from there.
@@ -197,7 +205,7 @@ def _rows(target: Target, x: np.ndarray, rng: np.random.Generator, row_mask: np.
     batch = x.shape[0] if x.ndim else 1
     if isinstance(layer, ConvLayer):
         outs = out_spatial(layer, x.shape[2:])
-        sample_idx = np.repeat(np.arange(batch), POSITIONS_PER_SAMPLE)
+        sample_idx = np.repeat(np.arange(batch), CONV_POSITIONS)
         positions = np.stack([rng.integers(0, o, size=sample_idx.size) for o in outs], axis=1)
         return (sample_idx, positions), sample_idx
     rows = linear_rows(target, x)
@@ -207,13 +215,13 @@ def _rows(target: Target, x: np.ndarray, rng: np.random.Generator, row_mask: np.
         picked = []
         for s in range(batch):
             idx = s * per_sample + np.flatnonzero(valid[s * per_sample : (s + 1) * per_sample])
-            picked.append(idx if idx.size <= POSITIONS_PER_SAMPLE else rng.choice(idx, POSITIONS_PER_SAMPLE, replace=False))
+            picked.append(idx if idx.size <= ROWS_PER_SAMPLE else rng.choice(idx, ROWS_PER_SAMPLE, replace=False))
         picked = np.sort(np.concatenate(picked)).astype(np.int64)
-    elif per_sample <= POSITIONS_PER_SAMPLE:
+    elif per_sample <= ROWS_PER_SAMPLE:
         picked = np.arange(rows.shape[0])
     else:
         picked = np.sort(np.concatenate([
-            s * per_sample + rng.choice(per_sample, POSITIONS_PER_SAMPLE, replace=False) for s in range(batch)
+            s * per_sample + rng.choice(per_sample, ROWS_PER_SAMPLE, replace=False) for s in range(batch)
         ]))
     return picked, np.minimum(picked // per_sample, batch - 1)
 
@@ -343,7 +351,7 @@ class Calibrator:
         t = layer.weight.shape[1] if not isinstance(layer, ConvLayer) else layer.out_channels
         if groups != 1 or t > n:
             return None
-        per_sample = POSITIONS_PER_SAMPLE if isinstance(layer, ConvLayer) else min(target.rows or 1, POSITIONS_PER_SAMPLE)
+        per_sample = CONV_POSITIONS if isinstance(layer, ConvLayer) else min(target.rows or 1, ROWS_PER_SAMPLE)
         rows = self._sample_count() * per_sample
         if 2 * rows >= n:
             return None
@@ -450,38 +458,59 @@ class Calibrator:
                 plan.paired_ok = not upstream[id(plan.target)] and id(plan.target) not in self.reduced
         tensors = sorted({p.tensor for p in plans})
         dtypes = {t.node.input[0]: t.weight_dtype for t in layers}
-        original = self._files.session(self.original, tensors, dtypes)
-        current = None
-        if paired:
-            # Before any layer is replaced the two models are one: run it once (the first stage).
-            unchanged = _signature(self.model.graph) == self._original_signature
-            current = original if unchanged else self._files.session(self.model, tensors, dtypes)
+        # Before any layer is replaced the two models are one: run it once (the first stage).
+        same = not paired or _signature(self.model.graph) == self._original_signature
+        # The original model's rows of a pass are kept and the two models run one after the other
+        # (one session alive at a time: a transformer's two prefix sessions held 0.7 GB together),
+        # unless those rows would be big (early layers of a CNN at full resolution).
+        one_by_one = not same and self._sample_count() * self._rows_bytes(layers) <= KEPT_ROWS_BYTES
         rng = np.random.default_rng(SEED + stage)
         chunk = _chunk_for(layers)
+        label = f"calibration pass {stage + 1}/{self.n_stages}"
+        kept: list = []  # per chunk, per plan: (selector, held rows, parts of the original)
+        session = self._files.session(self.original, tensors, dtypes)
+        current = session if same or one_by_one else self._files.session(self.model, tensors, dtypes)
         seen = 0
-        progress = Progress(f"calibration pass {stage + 1}/{self.n_stages}", self.samples or self.source.count,
+        progress = Progress(label + (" (original model)" if one_by_one else ""), self.samples or self.source.count,
                             unit="samples")
         for feed in data.batches(data.limited(self.source, self.samples), self.specs, chunk):
-            outs_o = _run(original, feed, tensors)
-            outs_c = outs_o if current is original or not paired else _run(current, feed, tensors)
-            batch = data.sample_rows(feed, self.specs)
+            outs_o = _run(session, feed, tensors)
+            outs_c = outs_o if current is session else _run(current, feed, tensors)
             row_mask = feed.get(self.mask_input) if self.mask_input else None
+            per_plan = []
             for plan in plans:
                 x_o = outs_o[plan.tensor]
                 selector, sample_of_row = _rows(plan.target, x_o, rng, row_mask)
                 held = ((seen + sample_of_row) % data.HOLDOUT_EVERY) == data.HOLDOUT_EVERY - 1
                 parts_o = _extract(plan.target, x_o, selector)
+                if one_by_one:
+                    per_plan.append((selector, held, parts_o))
+                    continue
                 parts_c = _extract(plan.target, outs_c[plan.tensor], selector) if paired else parts_o
-                pair = paired and plan.fit[0].paired
-                for gi, (pc, po) in enumerate(zip(parts_c, parts_o)):
-                    plan.fit[gi].add(pc[~held], po[~held] if pair else None)
-                    plan.held[gi].add(pc[held], po[held] if pair else None)
-            seen += batch
+                _accumulate(plan, parts_c, parts_o, held, paired)
+            if one_by_one:
+                kept.append(per_plan)
+            seen += data.sample_rows(feed, self.specs)
             progress.update(seen)
             del outs_o, outs_c
         progress.close()
-        del original, current
-        trim_heap()  # the sessions' memory goes back to the system before the layers are fitted
+        del session, current
+        trim_heap()  # the sessions' memory goes back to the system before the next one or the fits
+        if one_by_one:  # the model compressed so far, on the same samples and rows
+            session = self._files.session(self.model, tensors, dtypes)
+            progress = Progress(label + " (compressed model)", seen, unit="samples")
+            done = 0
+            feeds = data.batches(data.limited(self.source, self.samples), self.specs, chunk)
+            for feed, per_plan in zip(feeds, kept):
+                outs_c = _run(session, feed, tensors)
+                for plan, (selector, held, parts_o) in zip(plans, per_plan):
+                    _accumulate(plan, _extract(plan.target, outs_c[plan.tensor], selector), parts_o, held, paired)
+                done += data.sample_rows(feed, self.specs)
+                progress.update(done)
+                del outs_c
+            progress.close()
+            del session, kept
+            trim_heap()
         if seen == 0:
             raise OnnxlrError(f"--calib {self.source.label}: no samples")
         self.total = seen
@@ -491,6 +520,15 @@ class Calibrator:
         self.seconds += time.perf_counter() - t0
         log.info("calibration pass %d/%d: %d layers on %d samples (%.1f s)", stage + 1, self.n_stages,
                  len(plans), seen, time.perf_counter() - t0)
+
+    def _rows_bytes(self, layers: list[Target]) -> int:
+        """Bytes of the rows one sample gives the layers of a pass (float32)."""
+        total = 0
+        for t in layers:
+            n, groups = input_width(t.layer)
+            per_sample = CONV_POSITIONS if isinstance(t.layer, ConvLayer) else min(t.rows or 1, ROWS_PER_SAMPLE)
+            total += 4 * n * groups * per_sample
+        return total
 
     def release(self, target: Target) -> None:
         if self.moments.pop(id(target), None) is not None:
@@ -527,6 +565,13 @@ class Calibrator:
         new.notes.append(note)
         log.info("%s: %s", target.name, note)
         return new
+
+
+def _accumulate(plan: _LayerPlan, parts_c: list, parts_o: list, held: np.ndarray, paired: bool) -> None:
+    pair = paired and plan.fit[0].paired
+    for gi, (pc, po) in enumerate(zip(parts_c, parts_o)):
+        plan.fit[gi].add(pc[~held], po[~held] if pair else None)
+        plan.held[gi].add(pc[held], po[held] if pair else None)
 
 
 def _chunk_for(layers: list[Target]) -> int:
@@ -687,7 +732,10 @@ def refine_replacement(layer, bias, fit_bias, replacement: Replacement, fit_mome
     # are few); in symmetric mode the one fit. Whitened fits are also tried with the input
     # covariance shrunk (fit.shrinkage: few rows for the input width). The best on held-out rows wins.
     paired = fit_moments[0].paired and paired_ok
-    ridges = fit.PAIRED_RIDGES if paired and method.whitened else (None,)
+    # With fewer rows than inputs the full correction overfits (see fit.PAIRED_RIDGES): the strongest
+    # ridge alone, which halves the fits of the widest layers (VGG-16's fc7 chose it among the three).
+    few_rows = fit_moments[0].count < fit_moments[0].n
+    ridges = (fit.PAIRED_RIDGES[-1:] if few_rows else fit.PAIRED_RIDGES) if paired and method.whitened else (None,)
     views = [(lambda ms: ms, r, "pairs") for r in ridges] if paired or not fit_moments[0].paired else []
     if fit_moments[0].paired:
         views.append((lambda ms: [m.original_view() for m in ms], None, "original"))
