@@ -298,3 +298,29 @@ def test_few_rows_kept_themselves_give_the_fit_of_full_moments(paired, fit_bias,
         np.testing.assert_allclose(new_bias2, new_bias, rtol=1e-9, atol=1e-9)
         expected = refine.output_error(w, b, q @ p, new_bias, full)
         np.testing.assert_allclose(refine.output_error(w, b, low, new_bias2, kept), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_held_out_rows_kept_themselves_score_and_merge_as_moments(paired):
+    """Held-out rows only score candidates (and join the final fit): kept as rows (RowMoments) they
+    give the same choice, errors and refit as n x n moments."""
+    from onnxlr.layers import LinearLayer
+
+    rng = np.random.default_rng(5)
+    n, t, rows = 80, 30, 400
+    layer = LinearLayer(rng.standard_normal((n, t)).astype(np.float32))
+    replacement, _ = methods.get("svd").factorize(layer, RankSpec("fraction", 0.25), 1)
+    x_o = anisotropic_inputs(rows, n, rng, mean=0.2)
+    x_c = x_o + 0.1 * rng.standard_normal(x_o.shape)
+    fit_part = refine.Moments(n, paired)
+    fit_part.add(x_c[:320], x_o[:320] if paired else None)
+    results = []
+    for held in (refine.Moments(n, paired), refine.RowMoments(n, paired)):
+        held.add(x_c[320:], x_o[320:] if paired else None)
+        part = refine.Moments(n, paired)
+        part.add(x_c[:320], x_o[:320] if paired else None)
+        new, note = refine_replacement(layer, None, False, replacement, [part], [held], errors=(errors := {}))
+        results.append((new.low_rank_weight(), note, errors))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-9, atol=1e-12)
+    assert results[1][1] == results[0][1]
+    assert results[1][2] == pytest.approx(results[0][2], rel=1e-9)

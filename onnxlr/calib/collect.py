@@ -351,8 +351,7 @@ class Calibrator:
         t = layer.weight.shape[1] if not isinstance(layer, ConvLayer) else layer.out_channels
         if groups != 1 or t > n:
             return None
-        per_sample = CONV_POSITIONS if isinstance(layer, ConvLayer) else min(target.rows or 1, ROWS_PER_SAMPLE)
-        rows = self._sample_count() * per_sample
+        rows = self._sample_count() * self._per_sample(target)
         if 2 * rows >= n:
             return None
         return 8 * (rows * n * (2 if paired else 1) * 2 + 4 * t * t)
@@ -450,7 +449,11 @@ class Calibrator:
                 helds = [fit.ProjectedMoments(p, w, paired) for p, w in zip(spaces, weights)]
             else:
                 fits = [fit.Moments(n, paired) for _ in range(groups)]
-                helds = [fit.Moments(n, paired) for _ in range(groups)]
+                # the held-out rows (every 5th sample) only score candidates: kept as they are when
+                # fewer than half the width (a transformer's 3072-wide FFN output: 40 MB, not 225)
+                held_rows = self._sample_count() // data.HOLDOUT_EVERY * self._per_sample(t)
+                helds = [fit.RowMoments(n, paired) if 2 * held_rows < n else fit.Moments(n, paired)
+                         for _ in range(groups)]
             plans.append(_LayerPlan(t, t.node.input[0], fits, helds))
         if paired:
             upstream = _upstream_layers(self.model.graph, layers)
@@ -523,12 +526,14 @@ class Calibrator:
 
     def _rows_bytes(self, layers: list[Target]) -> int:
         """Bytes of the rows one sample gives the layers of a pass (float32)."""
-        total = 0
-        for t in layers:
-            n, groups = input_width(t.layer)
-            per_sample = CONV_POSITIONS if isinstance(t.layer, ConvLayer) else min(t.rows or 1, ROWS_PER_SAMPLE)
-            total += 4 * n * groups * per_sample
-        return total
+        return sum(4 * n * groups * self._per_sample(t) for t in layers for n, groups in [input_width(t.layer)])
+
+    @staticmethod
+    def _per_sample(target: Target) -> int:
+        """Rows one sample gives the layer's statistics: conv positions, or rows of a linear input."""
+        if isinstance(target.layer, ConvLayer):
+            return CONV_POSITIONS
+        return min(target.rows or 1, ROWS_PER_SAMPLE)
 
     def release(self, target: Target) -> None:
         if self.moments.pop(id(target), None) is not None:

@@ -95,12 +95,17 @@ class Moments:
             self.co += xc.T @ xo
             self.oo += xo.T @ xo
 
-    def merged(self, other: Moments) -> Moments:
+    def merged(self, other: Moments | RowMoments) -> Moments:
         # A merge comes once the parts' fits are scored: drop their derived results (whitenings,
         # several n x n arrays each) so that the merged fit's own do not add to the peak memory
         # (VGG-16's 4608-wide convs: about 0.5 GB each). They are recomputed if asked for again.
         self._derived.clear()
         other._derived.clear()
+        if isinstance(other, RowMoments):  # held-out rows kept as they are: add them
+            out = self.merged(Moments(self.n, self.paired))
+            x_c, x_o = other.matrices()
+            out.add(x_c, x_o if self.paired else None)
+            return out
         out = Moments(self.n, self.paired)
         out.count = self.count + other.count
         out.sum_c = self.sum_c + other.sum_c
