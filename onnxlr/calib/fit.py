@@ -447,13 +447,15 @@ class LowRank:
         """(<W, Q P>, ||Q P||^2) (Frobenius) for the layer's W [T, n]."""
         q = np.asarray(self.q, np.float64)
         if self.m is not None and self.gram is not None and self.w is w:
-            qm = q @ self.m  # Q P = (Q M) W + (Q E) B^T
-            inner, norm = float(np.sum(qm * self.gram)), float(np.sum((qm @ self.gram) * qm))
+            # Q P = Q M W + Q E B^T; R x T products only (a T x T one is 134 MB at T = 4096)
+            mg = self.m @ self.gram  # M W W^T [R, T]
+            inner = float(np.sum(mg * q.T))  # tr(Q M W W^T)
+            norm = float(np.sum((mg @ self.m.T) * (q.T @ q)))  # tr((Q^T Q) M W W^T M^T)
             if self.extra is not None:
                 e, _, wb = self.extra
                 qe = q @ e
                 inner += float(np.sum(wb * qe))
-                norm += 2 * float(np.sum((qm @ wb) * qe)) + float(np.sum(qe * qe))
+                norm += 2 * float(np.sum((q @ (self.m @ wb)) * qe)) + float(np.sum(qe * qe))
             return inner, norm
         p = np.asarray(self.p, np.float64)
         return float(np.sum(left_times(q.T, w) * p)), float(np.sum((q.T @ q) * (p @ p.T)))
@@ -648,8 +650,9 @@ def reduced_whitened_svd(w: np.ndarray, b: np.ndarray | None, moments: ReducedMo
     if gram is None:  # tall W (T > n): its T x T output covariance is the bigger side
         p, q, new_bias = _tall_reduced_whitened_svd(w, b, moments, rank, fit_bias, values, lam, mu)
         return LowRank(q, p), new_bias
-    cov_out = lam * gram + (wg * (values - lam)) @ wg.T
-    eigenvalues, vectors = scipy.linalg.eigh((cov_out + cov_out.T) / 2, check_finite=False, driver="evd")
+    cov_out = lam * gram
+    cov_out += (wg * (values - lam)) @ wg.T
+    eigenvalues, vectors = scipy.linalg.eigh(cov_out, check_finite=False, driver="evd", overwrite_a=True)
     rank = min(rank, eigenvalues.size)
     top = vectors[:, ::-1][:, :rank]
     singular = np.sqrt(np.maximum(eigenvalues[::-1][:rank], np.finfo(np.float64).tiny))
@@ -931,12 +934,24 @@ def rows_whitened_svd(w: np.ndarray, b: np.ndarray | None, moments: RowMoments, 
         kernel = vectors @ ((vectors.T @ (sigma_co - sigma_cc)) / shrunk[:, None])  # (Sigma + a)^-1 (Sigma_co - Sigma_cc) in z
         correction = wb @ kernel.T
     star_b = (wb + correction) @ vectors  # W* B V
-    star_star = gram + correction @ wb.T + wb @ correction.T + correction @ correction.T  # W* W*^T
-    cov_out = outside * star_star + (star_b * (inside - outside)) @ star_b.T
+    # W* Sigma W*^T = c W* W*^T + (W* B V) diag(l - c) (W* B V)^T, built in place: T x T arrays are
+    # 134 MB each at T = 4096 (eigh reads the lower triangle: no symmetrized copy either)
+    cov_out = gram * outside
+    if moments.paired:  # W* W*^T = W W^T + C (W B)^T + (W B) C^T + C C^T
+        cross = correction @ wb.T
+        cross *= outside
+        cov_out += cross
+        cov_out += cross.T
+        cross = correction @ correction.T
+        cross *= outside
+        cov_out += cross
+        del cross
+    cov_out += (star_b * (inside - outside)) @ star_b.T
     side = cov_out.shape[0]
     rank = min(rank, side)
-    eigenvalues, top = scipy.linalg.eigh((cov_out + cov_out.T) / 2, check_finite=False, driver="evr",
+    eigenvalues, top = scipy.linalg.eigh(cov_out, check_finite=False, driver="evr", overwrite_a=True,
                                          subset_by_index=[side - rank, side - 1])
+    del cov_out
     top, eigenvalues = top[:, ::-1], eigenvalues[::-1]
     scale = np.sqrt(np.sqrt(np.maximum(eigenvalues, np.finfo(np.float64).tiny)))  # sqrt of the singular values
     m = top.T / scale[:, None]  # P = M W + E B^T
