@@ -291,3 +291,27 @@ def test_compare_steps_api(cnn, tmp_path):
                                         quantize=QuantizeConfig(mode="dynamic"))
     assert api_report.quantization.mode == "dynamic"
     onnx.checker.check_model(model, full_check=True)
+
+
+def test_the_quantizers_temporary_files_stay_out_of_the_working_directory(cnn, tmp_path, capsys, monkeypatch):
+    """onnxruntime's quant_pre_process writes temporary files into the working directory when its
+    symbolic shape inference is incomplete (sym_shape_infer_temp.onnx and <uuid>.data of each
+    tensor; seen quantizing PP-OCR and MiniLM): none may land in the user's folder."""
+    from onnxruntime.quantization import shape_inference
+
+    real = shape_inference.quant_pre_process
+
+    def leaky(*args, **kwargs):
+        Path("sym_shape_infer_temp.onnx").write_bytes(b"temp")  # where the real one dumps its temp model
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", leaky)
+    user = tmp_path / "user"
+    user.mkdir()
+    monkeypatch.chdir(user)
+    path, _ = cnn
+    out = tmp_path / "q.onnx"
+    code = compress(path, "-o", out, "--rank", 4, "--include", "conv2", "--quantize", "int8", "--quant-mode", "dynamic")
+    assert code == 0, capsys.readouterr().err
+    assert list(user.iterdir()) == []
+    check_written(out)

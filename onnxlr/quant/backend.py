@@ -25,6 +25,7 @@ import contextlib
 import importlib.util
 import io
 import logging
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -85,6 +86,16 @@ def has_sympy() -> bool:
     return importlib.util.find_spec("sympy") is not None
 
 
+@contextlib.contextmanager
+def _working_directory(folder: Path):
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def preprocess(src: Path, dst: Path, *, large: bool) -> tuple[bool, str]:
     """``quant_pre_process(src) -> dst``; returns (done, note). A failure is not fatal: the model
     is quantized without pre-processing (copied to ``dst``) and the note says why."""
@@ -92,7 +103,9 @@ def preprocess(src: Path, dst: Path, *, large: bool) -> tuple[bool, str]:
 
     symbolic = has_sympy()
     try:
-        with quiet_onnxruntime():
+        # it writes temporary files (sym_shape_infer_temp.onnx, <uuid>.data of big models) into the
+        # working directory: run it from dst's (temporary) folder, not the user's
+        with quiet_onnxruntime(), _working_directory(dst.parent):
             quant_pre_process(
                 str(src),
                 str(dst),
