@@ -317,8 +317,10 @@ class Calibrator:
         # least one layer's): measured on a BERT-base-shaped encoder, 8 time-based passes held up to
         # nine layers' statistics at once (three 3072-wide FFN outputs) beside the whole model's
         # session, 2.21 GiB at the peak for a 0.40 GiB model.
-        # (By default only: --calib-stages N is what the user asked for.)
-        pass_cap = max(sum(int(t.layer.weight.nbytes) for t in self.eligible), 1) if stages is None else self.memory
+        # (By default and in asymmetric mode only: --calib-stages N is what the user asked for, and a
+        # symmetric calibration, such as a budget's, is one pass of the original model.)
+        capped = stages is None and paired
+        pass_cap = max(sum(int(t.layer.weight.nbytes) for t in self.eligible), 1) if capped else self.memory
         for i, t in enumerate(self.eligible):
             n, groups = input_width(t.layer)
             need = fit.moments_nbytes(n, groups, paired)
