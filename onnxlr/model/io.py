@@ -315,18 +315,20 @@ def save_model_atomic(
             f.write(model.SerializeToString())
             f.flush()
             os.fsync(f.fileno())
-        if tmp_data is not None:
-            if path.exists():
-                path.unlink()  # never leave an old model next to new data
-            with signals_deferred():
+        if tmp_data is not None and path.exists():
+            path.unlink()  # never leave an old model next to new data
+        # Both renames back to back (a SIGKILL between them, which nothing can defer, leaves the
+        # new data without its model: the window is two system calls), the flags cleared after.
+        with signals_deferred():
+            if tmp_data is not None:
                 placed_data = True
                 os.replace(tmp_data, data_path)
-                _forget_temp(tmp_data)
-                tmp_data = None
-        with signals_deferred():  # the model in place and the flag cleared, or neither
             os.replace(tmp_model, path)
-            _forget_temp(tmp_model)
-            tmp_model, placed_data = None, False
+            for done in (tmp_data, tmp_model):
+                if done is not None:
+                    _forget_temp(done)
+            tmp_model = tmp_data = None
+            placed_data = False
         _fsync_dir(directory)
     except BaseException as exc:
         for leftover in (tmp_model, tmp_data, data_path if placed_data else None):
