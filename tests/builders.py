@@ -304,3 +304,29 @@ def exact_cp_kernel(t: int, s: int, kernel: Sequence[int], rank: int, rng) -> np
 def grouped(kernels: Sequence[np.ndarray]) -> np.ndarray:
     """Stack per-group kernels [T_g, S_g, *k] into a grouped conv weight [G*T_g, S_g, *k]."""
     return np.concatenate(list(kernels), axis=0)
+
+
+def check_budget_wrote_what_it_measured(tmp_path, x: np.ndarray, out, report: dict) -> dict:
+    """``verify`` of the written model on the samples a budget held out (every 5th of ``x``, the
+    model at tmp_path/m.onnx) gives the report's measured error, and every chosen layer has its
+    method and ranks in the report; returns the report's layer rows by output tensor."""
+    import json
+
+    from onnxlr import data
+    from onnxlr.cli import main
+
+    chosen = report["budget"]["chosen"]
+    assert chosen, report["notes"]
+    held = np.stack([x[i] for i in range(len(x)) if data.is_held_out(i)])
+    assert len(held) == report["budget"]["check_samples"] == 8
+    np.savez(tmp_path / "held.npz", x=held)
+    assert main(["verify", str(tmp_path / "m.onnx"), str(out), "--inputs", str(tmp_path / "held.npz"),
+                 "--max-rel-error", "none", "--json", str(tmp_path / "v.json")]) == 0
+    (verified,) = json.loads((tmp_path / "v.json").read_text())["outputs"]
+    measured = report["budget"]["measured_error"]
+    assert measured > 0 and abs(verified["rel_error"] - measured) <= 1e-6 * measured
+    rows = {row["output"]: row for row in report["layers"]}
+    for choice in chosen:
+        row = rows[choice["output"]]
+        assert row["method"] == choice["method"] and row["ranks"] == choice["ranks"]
+    return rows

@@ -9,10 +9,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import cnn_model
+from builders import check_budget_wrote_what_it_measured, cnn_model
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr import data
 from onnxlr.budget import allocate as budget
 from onnxlr.budget import latency
 from onnxlr.cli import main
@@ -49,19 +48,7 @@ def test_the_budget_writes_the_model_it_measured(tmp_path):
                  "--cache-dir", str(tmp_path)]) == 0
     report = json.loads(report_path.read_text())
     chosen = report["budget"]["chosen"]
-    assert chosen, report["notes"]
-    held = np.stack([x[i] for i in range(len(x)) if data.is_held_out(i)])
-    assert len(held) == report["budget"]["check_samples"] == 8
-    np.savez(tmp_path / "held.npz", x=held)
-    assert main(["verify", str(tmp_path / "m.onnx"), str(out), "--inputs", str(tmp_path / "held.npz"),
-                 "--max-rel-error", "none", "--json", str(tmp_path / "v.json")]) == 0
-    (verified,) = json.loads((tmp_path / "v.json").read_text())["outputs"]
-    measured = report["budget"]["measured_error"]
-    assert measured > 0 and abs(verified["rel_error"] - measured) <= 1e-6 * measured
-    rows = {row["output"]: row for row in report["layers"]}
-    for choice in chosen:
-        row = rows[choice["output"]]
-        assert row["method"] == choice["method"] and row["ranks"] == choice["ranks"]
+    rows = check_budget_wrote_what_it_measured(tmp_path, x, out, report)
     written = onnx.load(str(out))
     weights = {t.name: tuple(t.dims) for t in written.graph.initializer}
     for choice in chosen:  # the chain's first factor has the chosen rank as its output width

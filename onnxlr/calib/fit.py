@@ -302,13 +302,6 @@ def _ridged(zz: np.ndarray, ridge: float) -> np.ndarray:
     return zz
 
 
-def _new_bias(w, b, w_new, mu_c, mu_o, fit_bias) -> np.ndarray | None:
-    if not fit_bias:
-        return b
-    base = np.zeros(w.shape[0]) if b is None else np.asarray(b, dtype=np.float64)
-    return base + w @ mu_o - w_new @ mu_c
-
-
 def output_error(
     w: np.ndarray, b: np.ndarray | None, w_new: np.ndarray, b_new: np.ndarray | None, moments: Moments
 ) -> tuple[float, float]:
