@@ -62,12 +62,14 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
 
 
 def compress_model(work: onnx.ModelProto, config: CompressConfig, *, check_output: bool = True,
-                   float_path: str | os.PathLike | None = None):
+                   float_path: str | os.PathLike | None = None, weights_file: str | None = None):
     """compress() on a model the caller hands over: ``work`` is modified in place.
 
     ``check_output=False``: the caller checks the saved file instead (cheaper than serializing a
     big model for the in-memory checker). ``float_path``: with ``config.quantize``, the factorized
-    float model is also saved there (before quantization), e.g. to compare the steps."""
+    float model is also saved there (before quantization), e.g. to compare the steps.
+    ``weights_file``: the new layers' big weights are appended to this file (external data) instead
+    of held in memory; the caller removes it once the model is saved."""
     m.check_runtime_opset(work, config.target_opset)
     if config.quantize is not None:
         from onnxlr.quant.model import check_float32
@@ -106,7 +108,7 @@ def compress_model(work: onnx.ModelProto, config: CompressConfig, *, check_outpu
                 whitened={id(targets[d.index]): methods.get(d.method).whitened for d in decisions},
                 replacement_for=replacement_for)
     with single_threaded_blas():
-        apply_decisions(work, targets, decisions, config, report, calibrator, prepared)
+        apply_decisions(work, targets, decisions, config, report, calibrator, prepared, weights_file)
     if calibrator is not None:
         report.model_notes.append(calibrator.summary())
     if not targets:
@@ -158,7 +160,8 @@ def sizing_feed(work: onnx.ModelProto, config: CompressConfig) -> dict | None:
     return next(iter(source), None)
 
 
-def apply_decisions(work, targets, decisions, config, report, calibrator=None, prepared=None) -> None:
+def apply_decisions(work, targets, decisions, config, report, calibrator=None, prepared=None,
+                    weights_file: str | None = None) -> None:
     """Factorize (where no replacement is given), refine, check the MACs and splice, in graph
     order; every target gets a row in the report. ``prepared``: id(target) -> (Replacement,
     RankLog) already factorized (for the calibrator), used instead of factorizing again."""
@@ -175,7 +178,7 @@ def apply_decisions(work, targets, decisions, config, report, calibrator=None, p
             continue
         t0 = time.perf_counter()
         layer_report = _apply_one(target, decision, config, names, opset, work.ir_version, calibrator,
-                                  prepared.pop(id(target), None))
+                                  prepared.pop(id(target), None), weights_file)
         report.layers.append(layer_report)
         target.layer = None  # drop this weight's arrays now: peak memory stays near one model
         done += 1
@@ -191,7 +194,7 @@ def factorize(target: Target, method_name: str, ranks: RankSpec | dict, round_to
 
 
 def _apply_one(target: Target, decision: Decision, config: CompressConfig, names, opset: int, ir_version: int,
-               calibrator=None, prepared=None) -> LayerReport:
+               calibrator=None, prepared=None, weights_file: str | None = None) -> LayerReport:
     replacement, raw = decision.replacement, None
     if replacement is None:
         replacement, rank_log = prepared or factorize(target, decision.method, decision.ranks, config.round_to)
@@ -224,7 +227,7 @@ def _apply_one(target: Target, decision: Decision, config: CompressConfig, names
     )
     del original
     target.layer = None  # the original weight is not needed to splice: free it first (peak memory)
-    splice(target, replacement, names, opset, ir_version)
+    splice(target, replacement, names, opset, ir_version, weights_file)
     return report
 
 
@@ -284,15 +287,19 @@ def compress_file(
     # model is compressed in place: peak memory stays well under the model's size.
     model = m.load_model(input_path, data_files=data_files, lazy_external=True)
     weights_file = None
-    if _calibrating_lazily(model, config):
-        # Calibration runs the model in passes while it is compressed: with its weights in a
-        # temporary file, memory-mapped, they are not held twice (a numpy array per layer beside
-        # the protobuf's bytes; VGG-16: 553 MB more at every pass).
-        weights_file = _temp_weights_file()
-        model = detach_weights(model, weights_file)
-        trim_heap()
+    if _calibrating_lazily(model, config, _file_bytes(input_path, data_files)):
+        # Calibration runs the model in passes while it is compressed: with its weights, and the
+        # new layers' weights, in a temporary file, memory-mapped, they are not held twice (a numpy
+        # array per layer beside the protobuf's bytes; VGG-16: 553 MB more at every pass; a 2 GB
+        # decoder's factors: 1.3 GB by its last pass). Beside the model's own external data when
+        # that folder is writable: calibration's session files then refer to it without a copy.
+        weights_file = _temp_weights_file(m.writable_data_folder(model))
+        if not m.has_lazy_tensors(model):
+            model = detach_weights(model, weights_file)
+            trim_heap()
     try:
-        compressed, report = compress_model(model, config, check_output=False, float_path=float_path)
+        compressed, report = compress_model(model, config, check_output=False, float_path=float_path,
+                                            weights_file=weights_file)
         del model
         if external_data is None and data_files:
             external_data = True  # the input kept its weights beside it: so does the output
@@ -310,16 +317,21 @@ def compress_file(
 DETACH_BYTES = 64 * 2**20
 
 
-def _calibrating_lazily(model: onnx.ModelProto, config: CompressConfig) -> bool:
-    """Whether to move the weights of ``model`` to a temporary file before compressing it: an inline
-    model of DETACH_BYTES or more, calibrated without a budget or quantization (those run the
-    model in memory)."""
+def _calibrating_lazily(model: onnx.ModelProto, config: CompressConfig, file_bytes: int) -> bool:
+    """Whether to keep the weights of ``model`` (an inline one of DETACH_BYTES or more is moved
+    there first) and the new layers' weights in a temporary file while compressing it: calibrated
+    without a budget or quantization (those run the model in memory), with external data or big.
+    The size is the files' (ByteSize would serialize the model: 1 GB more for VGG-16)."""
     return (config.calib is not None and not config.budgeted and config.quantize is None
-            and not m.has_lazy_tensors(model) and model.ByteSize() >= DETACH_BYTES)
+            and (m.has_lazy_tensors(model) or file_bytes >= DETACH_BYTES))
 
 
-def _temp_weights_file() -> str:
-    fd, path = tempfile.mkstemp(prefix=".onnxlr-weights-", suffix=".data")
+def _file_bytes(path: Path, data_files: list[Path]) -> int:
+    return sum(p.stat().st_size for p in [path, *data_files])
+
+
+def _temp_weights_file(folder: str | None) -> str:
+    fd, path = tempfile.mkstemp(prefix=".onnxlr-weights-", suffix=".data", dir=folder)
     os.close(fd)
     track_temp(path)  # an interruption removes it
     return path

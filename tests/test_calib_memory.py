@@ -230,17 +230,23 @@ def test_a_model_with_external_data_calibrates_from_disk_as_one_in_memory(tmp_pa
         raise AssertionError("calibration read the external data into memory")
 
     monkeypatch.setattr(onnxlr.model, "materialize_external", no_materialize)
-    opened = []
+    opened, refers_to = [], set()
 
     def make_session(source, *args, **kwargs):  # the input stays valid while calibration runs
         onnx.checker.check_model(str(ext / "m.onnx"), full_check=True)  # refuses hard-linked data
         opened.append(str(source) if isinstance(source, str) else "bytes")
+        if isinstance(source, str):
+            refers_to.update(e.value for t in onnx.load(source, load_external_data=False).graph.initializer
+                             for e in t.external_data if e.key == "location")
         return real_make_session(source, *args, **kwargs)
 
     real_make_session = collect.make_session
     monkeypatch.setattr(collect, "make_session", make_session)
     _, on_disk = compress_file(ext / "m.onnx", ext / "o.onnx", **options)
     assert any(name.startswith(str(ext / ".onnxlr-calib-")) for name in opened)  # files beside the data
+    # the factors spliced so far are read from a weights file beside the data, not from memory
+    assert any(name.startswith(".onnxlr-weights-") for name in refers_to)
+    assert refers_to <= {"m.onnx.data"} | {name for name in refers_to if name.startswith(".onnxlr-weights-")}
     monkeypatch.setattr(collect, "make_session", real_make_session)
     assert [r.notes for r in on_disk.layers] == [r.notes for r in in_memory.layers]
     expected, got = _weights(tmp_path / "o_mem.onnx"), _weights(ext / "o.onnx")  # loads o.onnx.data

@@ -55,12 +55,12 @@ from onnxlr.model.io import (
     append_aligned,
     external_info,
     has_lazy_tensors,
-    iter_tensors_with_external_data,
     read_range,
     refer_external,
     tensor_bytes,
     track_temp,
     untrack_temp,
+    writable_data_folder,
 )
 from onnxlr.model.splice import read_bias
 from onnxlr.model.targets import Target
@@ -624,7 +624,7 @@ class SessionFiles:
     collected or the process exits."""
 
     def __init__(self, model: onnx.ModelProto):
-        beside = _temp_parent(model)
+        beside = writable_data_folder(model)
         if beside is not None:
             self.dir = Path(beside)
             self.prefix = f".onnxlr-calib-{os.getpid()}-{id(self):x}-"
@@ -693,16 +693,6 @@ def _remove_prefixed(folder: str, prefix: str) -> None:
     for path in Path(folder).glob(prefix + "*"):
         path.unlink(missing_ok=True)
         untrack_temp(path)
-
-
-def _temp_parent(model: onnx.ModelProto) -> str | None:
-    """Beside the model's external data when that folder is writable, else None (TMPDIR)."""
-    for tensor in iter_tensors_with_external_data(model):
-        folder = os.path.dirname(external_info(tensor)[0])
-        if os.path.isabs(folder) and os.access(folder, os.W_OK):
-            return folder
-        break
-    return None
 
 
 def _run(session, feed, tensors) -> dict[str, np.ndarray]:

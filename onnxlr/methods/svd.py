@@ -65,7 +65,7 @@ def decompositions(layer: ConvLayer | LinearLayer) -> list:
 
 # Above this many weight entries the reconstruction is not materialized (a 25088 x 4096 FC
 # would need another 800 MB); its error is exact from the spectrum anyway.
-MAX_RECONSTRUCTION_SIZE = 1 << 24
+MAX_RECONSTRUCTION_SIZE = 1 << 22
 
 
 def discarded_energy_error(singular_values: np.ndarray, rank: int) -> float:
@@ -180,7 +180,7 @@ def rebuild(layer, replacement: Replacement, refitted: Fit) -> Replacement:
         steps = [LinearStep(p.T), LinearStep(q.T)]
         if big:  # its error from the factors, as factorize does
             w = low.w if low.w is not None else layer.weight.T  # [T, n], no copy
-            w_norm = float(np.sum(np.square(w, dtype=np.float64)))
+            w_norm = fit.squared_norm(w)
             cross, new_norm = low.inner_and_norm(w)
             error = float(np.sqrt(max(w_norm - 2 * cross + new_norm, 0.0) / max(w_norm, 1e-300)))
             return replace(replacement, steps=steps, reconstruction=None, weight_rel_error=error,

@@ -23,6 +23,7 @@ from onnxlr.model.io import (
     materialize_external,
     save_model_atomic,
     tensor_to_array,
+    writable_data_folder,
     write_text_atomic,
 )
 from onnxlr.model.opset import check_runtime_opset, convert_opset, default_opset, runtime_max_opset
@@ -43,5 +44,6 @@ __all__ = [
     "check_writable", "constants_in", "convert_opset", "count_uses", "default_opset", "expose_outputs",
     "fold_constant_weights", "has_lazy_tensors", "infer_shapes", "iter_graphs", "load_model",
     "make_initializer", "materialize_external", "remove_unused_constants", "replace_node",
-    "runtime_max_opset", "runtime_shapes", "save_model_atomic", "tensor_to_array", "write_text_atomic",
+    "runtime_max_opset", "runtime_shapes", "save_model_atomic", "tensor_to_array", "writable_data_folder",
+    "write_text_atomic",
 ]

@@ -255,13 +255,29 @@ def detach_weights(model: onnx.ModelProto, location: str | os.PathLike) -> onnx.
     with open(location, "wb") as f:
         for tensor in model.graph.initializer:
             new = copy.graph.initializer.add()
-            if (tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() < BIG_INITIALIZER
-                    or tensor.data_type == onnx.TensorProto.STRING):
+            if not _stored_apart(tensor):
                 new.CopyFrom(tensor)
                 continue
             copy_fields(tensor, new, skip=DATA_FIELDS)
             refer_external(new, location, *append_aligned(f, tensor_bytes(tensor)))
     return copy
+
+
+def store_weights(tensors: list[onnx.TensorProto], location: str | os.PathLike) -> None:
+    """Move the big in-memory data of ``tensors`` (new ones, not yet in a model: a protobuf keeps
+    a cleared field's memory as long as it lives) to the end of the file ``location``, as
+    external data (see :func:`detach_weights`)."""
+    location = str(location)
+    with open(location, "ab") as f:
+        for tensor in tensors:
+            if _stored_apart(tensor):
+                refer_external(tensor, location, *append_aligned(f, tensor_bytes(tensor)))
+
+
+def _stored_apart(tensor: onnx.TensorProto) -> bool:
+    """Whether a weights file takes ``tensor``: big, in memory, not strings."""
+    return (tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.ByteSize() >= BIG_INITIALIZER
+            and tensor.data_type != onnx.TensorProto.STRING)
 
 
 def copy_fields(source, target, skip: tuple[str, ...] = ()) -> None:

@@ -102,6 +102,17 @@ def has_lazy_tensors(model: onnx.ModelProto) -> bool:
     return next(iter_tensors_with_external_data(model), None) is not None
 
 
+def writable_data_folder(model: onnx.ModelProto) -> str | None:
+    """The folder of the model's external data (of a ``lazy_external`` load) when it is writable:
+    temporary files there can refer to that data by name. None otherwise."""
+    for tensor in iter_tensors_with_external_data(model):
+        folder = os.path.dirname(external_info(tensor)[0])
+        if os.path.isabs(folder) and os.access(folder, os.W_OK):
+            return folder
+        break
+    return None
+
+
 def external_info(tensor: onnx.TensorProto) -> tuple[str, int, int]:
     info = {entry.key: entry.value for entry in tensor.external_data}
     offset = int(info.get("offset", 0))

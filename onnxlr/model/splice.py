@@ -12,14 +12,16 @@ import numpy as np
 from onnx import helper
 
 from onnxlr.layers import ConvStep, LinearStep, Replacement
-from onnxlr.model.edit import make_initializer, remove_unused_constants, replace_node
+from onnxlr.model.edit import make_initializer, remove_unused_constants, replace_node, store_weights
 from onnxlr.model.query import NameScope, constants_in, count_uses
 from onnxlr.model.targets import Target
 
 
-def splice(target: Target, replacement: Replacement, names: NameScope, opset: int, ir_version: int) -> list[str]:
+def splice(target: Target, replacement: Replacement, names: NameScope, opset: int, ir_version: int,
+           weights_file: str | None = None) -> list[str]:
     """Replace ``target.node`` by the chain; returns the names of the new nodes. A refitted
-    ``replacement.bias`` is written too (see :func:`write_bias`)."""
+    ``replacement.bias`` is written too (see :func:`write_bias`). ``weights_file``: the chain's
+    big weights go there as external data instead of into the model's memory."""
     node = target.node
     n_out = int(target.weight_shape[-1]) if target.weight_shape else None
     add = following_add(target, n_out) if target.op_type == "MatMul" and replacement.bias is not None else None
@@ -28,6 +30,8 @@ def splice(target: Target, replacement: Replacement, names: NameScope, opset: in
         nodes, inits = _conv_nodes(node, replacement.steps, target.weight_dtype, names, stem)
     else:
         nodes, inits = _linear_nodes(target, replacement.steps, names, stem, opset)
+    if weights_file is not None:
+        store_weights(inits, weights_file)
     replace_node(target.graph, node, nodes, inits, ir_version)
     transpose = target.weight_transpose
     if transpose is not None:  # it fed the old weight only: drop it and its constant
