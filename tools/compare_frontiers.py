@@ -1,11 +1,12 @@
 """An earlier budget frontier against today's, at the same timing conditions.
 
-The layer choices of an earlier ``docs/budget/<model>.json`` (from git) are rebuilt with today's
-code (``compress --config`` with one rule per chosen layer, symmetric calibration on the same 64
-samples: the budget's own refinement), scored with the model's task metric, and re-timed in one
-interleaved run together with the original and today's budget points (the models
-``tools/bench_budget.py`` kept in ``.cache/budget/<model>``). So a change of the planner is told
-apart from a change of the refinement and from the load the earlier run was timed under.
+The layer choices of an earlier ``docs/budget/<model>.json`` (from git) and of today's are both
+rebuilt with today's code (``compress --config`` with one rule per chosen layer, symmetric
+calibration on the same 64 samples), scored with the model's task metric, and re-timed in one
+interleaved run together with the original and today's budget points as the budget wrote them
+(the models ``tools/bench_budget.py`` kept in ``.cache/budget/<model>``). Both rebuilds refine the
+same way (``compress`` also fits on the samples the budget holds out), so the comparison of the
+two rebuilds is one of the planners' choices alone, at the same timing conditions.
 
     git show eb19186:docs/budget/all-minilm-l6-v2.json > /tmp/old.json
     ONNXLR_BENCH_THREADS=1 python tools/compare_frontiers.py all-minilm-l6-v2 /tmp/old.json --out docs/budget/compare
@@ -38,18 +39,28 @@ def budget_points(result: dict) -> list[dict]:
     return [p for p in result["points"] if p["kind"] == "budget"]
 
 
-def rebuild(name: str, point: dict, folder: Path) -> Path:
-    """The point's layer choices, compressed with today's code; returns the model's path."""
+def parse_choice(spec: str) -> tuple[str, dict]:
+    """(method, ranks) of a point's choice label: ``svd 0.25 {'rank': 96}`` (earlier files) or
+    ``svd 0.25 (96)`` (today's)."""
+    method, _fraction, ranks = spec.split(" ", 2)
+    if ranks.startswith("{"):
+        return method, ast.literal_eval(ranks)
+    inner = ranks.strip("()")
+    if not inner.isdigit():
+        raise SystemExit(f"{spec}: only single-rank choices are rebuilt")
+    return method, {"rank": int(inner)}
+
+
+def rebuild(name: str, point: dict, path: Path) -> Path:
+    """The point's layer choices, compressed with today's code to ``path``."""
     rules = []
     for layer, spec in point["choice"].items():
-        method, _fraction, ranks = spec.split(" ", 2)
-        ranks = ast.literal_eval(ranks)
+        method, ranks = parse_choice(spec)
         if set(ranks) != {"rank"}:
             raise SystemExit(f"{layer}: {spec}: only single-rank choices are rebuilt")
         rules.append({"match": "^" + re.escape(layer) + "$", "method": method, "rank": str(ranks["rank"])})
-    config = folder / f"t_{point['setting']:g}.json"
+    config = path.with_suffix(".json")
     config.write_text(json.dumps(rules))
-    path = folder / f"t_{point['setting']:g}.onnx"
     compress_file(REAL / name / "model.onnx", path, overwrite=True, calib=str(REAL / name / "calib.npz"),
                   calib_samples=64, calib_mode="symmetric", rules=load_rules(config), round_to=1,
                   include=tuple(r["match"] for r in rules))
@@ -72,32 +83,40 @@ def main(argv=None) -> int:
     folder = ROOT / ".cache" / "compare_frontiers" / args.name
     folder.mkdir(parents=True, exist_ok=True)
     evaluate = real_callback(args.name)
-    rebuilt = [rebuild(args.name, q, folder) for q in earlier]
-    metrics = [evaluate(onnx.load(str(path))) for path in rebuilt]
-    timing = retime(kept / "point_00.onnx", [kept / f"point_{i + 1:02d}.onnx" for i in range(len(now))] + rebuilt,
-                    REAL / args.name / "calib.npz", args.runs, (0, 2) if args.name == "all-minilm-l6-v2" else (0, 100))
+    rebuilt_then = [rebuild(args.name, q, folder / f"earlier_{q['setting']:g}.onnx") for q in earlier]
+    rebuilt_now = [rebuild(args.name, q, folder / f"today_{q['setting']:g}.onnx") for q in now]
+    metrics_then = [evaluate(onnx.load(str(path))) for path in rebuilt_then]
+    metrics_now = [evaluate(onnx.load(str(path))) for path in rebuilt_now]
+    written = [kept / f"point_{i + 1:02d}.onnx" for i in range(len(now))]
+    timing = retime(kept / "point_00.onnx", written + rebuilt_now + rebuilt_then, REAL / args.name / "calib.npz",
+                    args.runs, (0, 2) if args.name == "all-minilm-l6-v2" else (0, 100))
     speeds = timing.pop("points")
+    k = len(now)
     rows = []
     for i, (q_now, q_then) in enumerate(zip(now, earlier)):
         rows.append({"target": q_now["setting"],
                      "today": {"bench": speeds[i], "metric": q_now["metric"], "output_error": q_now["error"]},
-                     "earlier_choice": {"bench": speeds[len(now) + i], "metric": metrics[i],
-                                        "metric_then": q_then["metric"], "output_error_then": q_then["error"]}})
+                     "today_rebuilt": {"bench": speeds[k + i], "metric": metrics_now[i]},
+                     "earlier_rebuilt": {"bench": speeds[2 * k + i], "metric": metrics_then[i],
+                                         "metric_then": q_then["metric"], "output_error_then": q_then["error"]}})
     result = {"model": args.name, "earlier": str(args.earlier), "today_date": today.get("date"), "timing": timing,
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     print(f"{args.name}: one interleaved run of {args.runs} rounds, load {timing['load_average']}, "
           f"original {timing['original_ms']:.2f} ms")
-    print("| target | today: re-timed (p10-p90), metric | earlier choice, today's code: re-timed (p10-p90), metric (then) |")
-    print("|---|---|---|")
+    print("| target | today, as written: re-timed (p10-p90), metric | today's choice rebuilt | earlier choice "
+          "rebuilt (metric in the earlier run) |")
+    print("|---|---|---|---|")
     for r in rows:
-        a, b = r["today"], r["earlier_choice"]
-        ta, tb = a["bench"], b["bench"]
-        print(f"| {r['target']:g}x | {ta['speedup']:.3f}x ({ta['speedup_p10']:.2f}-{ta['speedup_p90']:.2f}), "
-              f"{a['metric']:.4f} | {tb['speedup']:.3f}x ({tb['speedup_p10']:.2f}-{tb['speedup_p90']:.2f}), "
-              f"{b['metric']:.4f} ({b['metric_then']:.4f}) |")
+        a, c, b = r["today"], r["today_rebuilt"], r["earlier_rebuilt"]
+        print(f"| {r['target']:g}x | {_cell(a)} | {_cell(c)} | {_cell(b)} ({b['metric_then']:.4f}) |")
     return 0
+
+
+def _cell(entry: dict) -> str:
+    t = entry["bench"]
+    return f"{t['speedup']:.3f}x ({t['speedup_p10']:.2f}-{t['speedup_p90']:.2f}), {entry['metric']:.4f}"
 
 
 if __name__ == "__main__":
