@@ -259,6 +259,33 @@ def test_compress_calib_images(image_folder, tmp_path, capsys):
     assert out_model.exists()
 
 
+def test_calibration_does_not_decode_an_image_folder_to_count_it(image_folder, tmp_path, capsys, monkeypatch):
+    """The folder knows how many images it has: calibration reads each image once per pass, and
+    once more only where a source cannot say its length."""
+    from onnxlr.data import images
+
+    model = tmp_path / "cnn.onnx"
+    onnx.save(_cnn_model(), model)
+    decoded = []
+    real_load = images.ImageFolder.load
+    monkeypatch.setattr(images.ImageFolder, "load", lambda self, *a, **k: decoded.append(1) or real_load(self, *a, **k))
+    argv = ["compress", model, "-o", tmp_path / "o.onnx", "--rank", "0.5", "--include", "conv2",
+            "--calib-images", image_folder, "--size", "8", "--overwrite"]
+    assert _run(argv, capsys)[0] == 0
+    known = len(decoded)
+    decoded.clear()
+    real_to_source = images.ImageFolder.to_source
+
+    def without_count(self, *a, **k):
+        source = real_to_source(self, *a, **k)
+        source.count = None
+        return source
+
+    monkeypatch.setattr(images.ImageFolder, "to_source", without_count)
+    assert _run(argv, capsys)[0] == 0
+    assert len(decoded) - known == 6  # the one reading that counted the 6 images
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--size", "16"], "--size 16,16 but input 'x' is [?,3,8,8]"),
     (["--layout", "NHWC"], "has 8 channels in NHWC layout"),

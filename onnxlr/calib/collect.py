@@ -365,9 +365,14 @@ class Calibrator:
         return 8 * (rows * n * (2 if paired else 1) * 2 + 4 * t * t)
 
     def _sample_count(self) -> int:
-        """Samples calibration will read (counted once)."""
+        """Samples calibration will read: the source's own count when it knows it (a folder of
+        images is not decoded once more to count it), else counted by reading it once."""
         if self._samples_seen is None:
-            self._samples_seen = sum(1 for _ in data.limited(self.source, self.samples))
+            known = getattr(self.source, "count", None)
+            if known is not None:
+                self._samples_seen = known if self.samples is None else min(known, self.samples)
+            else:
+                self._samples_seen = sum(1 for _ in data.limited(self.source, self.samples))
         return self._samples_seen
 
     def _projected_need(self, target: Target, paired: bool) -> int | None:
