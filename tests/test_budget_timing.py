@@ -131,6 +131,29 @@ def test_plan_time_bound_falls_back_to_the_cheaper_estimator(tmp_path, monkeypat
     assert all(c.damage is not None for lp in plan.layers for c in lp.usable())
 
 
+def test_plan_time_bound_holds_the_refinement_too(tmp_path, monkeypatch):
+    """When refining a layer's candidates would pass --plan-time, that layer and the rest keep
+    their data-free factors, scored by their weight error: the phase ends near the bound instead
+    of refining everything first. Through the API, the report says so and the model is written."""
+    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    plan = _plan(tmp_path, damage="sensitivity", plan_time=1e-6)
+    scored = [lp for lp in plan.layers if lp.name in plan.damage["layers"]]
+    assert len(scored) >= 2
+    assert plan.damage["layers"][scored[0].name] != "weight-error"  # the first layer is always refined
+    for lp in scored[1:]:
+        assert plan.damage["layers"][lp.name] == "weight-error"
+        assert all(c.layer_error is None and c.damage == c.weight_error**2 for c in lp.usable())
+    assert "weight-error, not refined, at layer 2" in plan.damage["switched"]
+    unbounded = _plan(tmp_path, damage="sensitivity")
+    assert "weight-error" not in unbounded.damage["layers"].values()
+
+    model = cnn_model(channels=(4, 32, 32), spatial=8, classes=10)
+    compressed, report = compress(model, target_speedup=1.1, calib=str(tmp_path / "calib.npz"), plan_time=1e-6,
+                                  cache_dir=tmp_path)
+    assert "weight-error" in report.budget["damage"]["switched"]
+    onnx.checker.check_model(compressed, full_check=True)
+
+
 def test_auto_uses_full_passes_when_they_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
     monkeypatch.setattr(damage, "FULL_PASS_BUDGET_S", 1e6)

@@ -10,13 +10,16 @@ error where no moments apply). Then one of three estimators::
     sensitivity  d_c = s_l * e_c^2,  s_l = d_m / e_m^2 with m the layer's middle candidate
                  (median e among its usable ones) measured by one full pass: one pass per layer
     layer-error  d_c = e_c^2 (every layer equally sensitive): no pass at all
+    weight-error d_c = (data-free weight error)^2, candidates not refined: only where --plan-time
+                 would be passed by refining a layer's candidates at all
 
 ``full`` costs (candidates) passes, ``sensitivity`` (layers) passes: on a VGG16-sized detector
 213 candidates against 13 layers. ``auto`` (the default) times the reference pass and uses full
 passes when their estimated cost fits in the damage phase's bound (``--plan-time``, else
 :data:`FULL_PASS_BUDGET_S`), else the sensitivity estimator; a bound the work would pass while
 scoring switches the remaining layers to the cheaper estimator (sensitivity on fewer samples,
-then layer-error), and the plan says which estimator scored how many layers. Without a bound the
+then layer-error; where refining the next layer would pass it, weight-error with the data-free
+factors kept), and the plan says which estimator scored how many layers. Without a bound the
 sensitivity passes alone are held to :data:`FULL_PASS_BUDGET_S` by running them on fewer of the
 damage samples (at least :data:`MIN_SENSITIVITY_SAMPLES`; ``sensitivity_samples`` in the record).
 
@@ -98,6 +101,19 @@ def score(plan, work, todo, config, samples: list, specs) -> dict:
                 record["sensitivity_samples"] = fit
         for k, lp in enumerate(layers):
             t = by_index[lp.index]
+            if bound is not None and estimator != "weight-error" and k > 0 and (
+                    time.perf_counter() - started + refine_s / k > bound):
+                # refining this layer's candidates alone would pass the bound: this layer and the
+                # rest keep their data-free factors, scored by their weight error
+                estimator = "weight-error"
+                record["switched"] = (record.get("switched", "") + "; " if "switched" in record else
+                                      "") + f"-> weight-error, not refined, at layer {k + 1} of {len(layers)}"
+            if estimator == "weight-error":
+                for c in lp.usable():
+                    c.damage = c.weight_error**2
+                record["layers"][lp.name] = estimator
+                progress.update(k + 1, lp.name)
+                continue
             c0 = time.perf_counter()
             # the calibration pass runs when a layer's stage is first due: a one-off, not part of
             # the per-layer refine rate the bound extrapolates
