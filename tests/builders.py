@@ -306,6 +306,22 @@ def grouped(kernels: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(list(kernels), axis=0)
 
 
+def steady_budget(monkeypatch) -> None:
+    """A budget whose choice does not hang on timing noise: every candidate saves time, smaller
+    ranks more, and the held-out check set of 40 calibration samples is 8 of them."""
+    from onnxlr.budget import allocate as budget
+    from onnxlr.budget import latency
+
+    monkeypatch.setattr(budget, "CHECK_SAMPLES", 32)
+    monkeypatch.setattr(budget, "MAX_LAYER_DAMAGE", 10.0)
+
+    def time_layer(target, input_shape, shapes, candidates, *args, **kwargs):
+        params = [sum(step.weight.size for step in c.steps) for c in candidates]
+        return 1.0, [0.1 + 0.8 * p / max(params) for p in params]
+
+    monkeypatch.setattr(latency, "time_layer", time_layer)
+
+
 def check_budget_wrote_what_it_measured(tmp_path, x: np.ndarray, out, report: dict) -> dict:
     """``verify`` of the written model on the samples a budget held out (every 5th of ``x``, the
     model at tmp_path/m.onnx) gives the report's measured error, and every chosen layer has its

@@ -16,7 +16,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from builders import check_budget_wrote_what_it_measured, cnn_model
+from builders import check_budget_wrote_what_it_measured, cnn_model, steady_budget
 
 from onnxlr import model as g
 from onnxlr.budget import allocate as budget
@@ -120,15 +120,7 @@ def test_an_int8_plan_measures_int8_models_and_reports_both_speedups(tmp_path, m
 def test_an_int8_budget_writes_the_int8_model_it_measured(tmp_path, monkeypatch):
     """verify of the written int8 file on the held-out samples gives the error the budget's report
     states, and the chosen layers are the replaced ones, with the budget's ranks."""
-    monkeypatch.setattr(budget, "CHECK_SAMPLES", 32)  # the held-out set of 40 samples: 8
-    monkeypatch.setattr(budget, "MAX_LAYER_DAMAGE", 10.0)
-
-    def time_layer(target, input_shape, shapes, candidates, *args, **kwargs):
-        """Every candidate saves time, smaller ranks more: the choice does not hang on timing noise."""
-        params = [sum(step.weight.size for step in c.steps) for c in candidates]
-        return 1.0, [0.1 + 0.8 * p / max(params) for p in params]
-
-    monkeypatch.setattr(latency, "time_layer", time_layer)
+    steady_budget(monkeypatch)
     model = cnn_model(channels=(3, 32, 32), spatial=8)
     onnx.save(model, tmp_path / "m.onnx")
     x = _calib(tmp_path)

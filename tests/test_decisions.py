@@ -9,25 +9,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import check_budget_wrote_what_it_measured, cnn_model
+from builders import check_budget_wrote_what_it_measured, cnn_model, steady_budget
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr.budget import allocate as budget
-from onnxlr.budget import latency
 from onnxlr.cli import main
 
 
 @pytest.fixture(autouse=True)
 def planned_layers(fast_timing, monkeypatch):
-    monkeypatch.setattr(budget, "CHECK_SAMPLES", 32)  # the held-out set of 40 samples: 8
-    monkeypatch.setattr(budget, "MAX_LAYER_DAMAGE", 10.0)
-
-    def time_layer(target, input_shape, shapes, candidates, *args, **kwargs):
-        """Every candidate saves time, smaller ranks more: the choice does not hang on timing noise."""
-        params = [sum(step.weight.size for step in c.steps) for c in candidates]
-        return 1.0, [0.1 + 0.8 * p / max(params) for p in params]
-
-    monkeypatch.setattr(latency, "time_layer", time_layer)
+    steady_budget(monkeypatch)
 
 
 def _calib(tmp_path, n=40, seed=0):
