@@ -68,6 +68,16 @@ def test_target_macs_is_met_exactly():
     assert alloc.macs <= 1000 and set(alloc.choice) == {0, 1}
 
 
+def test_target_macs_leaves_out_a_layer_whose_macs_are_unknown():
+    """A MatMul whose rows are symbolic (a transformer's batch x sequence) has no MAC count: a
+    MAC budget allocates over the other layers (this raised a TypeError)."""
+    known = budget.LayerPlan(0, "a", "Conv", 1000, ms=10.0, candidates=[_cand(6, 0.01, macs=400)])
+    unknown = budget.LayerPlan(1, "b", "MatMul", None, ms=10.0, candidates=[_cand(4, 0.001, macs=None)])
+    plan = budget.Plan(b"", [known, unknown], "cpu", 20.0, 1000, False, {}, {}, [])
+    alloc = budget.allocate(plan, target_macs=0.5)
+    assert set(alloc.choice) == {0} and alloc.macs == 400
+
+
 # --- the whole path on tiny models ------------------------------------------------------------
 
 

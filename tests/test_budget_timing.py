@@ -162,6 +162,23 @@ def test_auto_uses_full_passes_when_they_fit(tmp_path, monkeypatch):
     assert _plan(tmp_path).damage["estimator"] == "sensitivity"
 
 
+def test_auto_runs_full_passes_on_fewer_samples_before_it_turns_to_the_sensitivity_estimate():
+    """PP-OCRv6: full passes on its 32 damage samples estimated at 159 s, over the 120 s default;
+    on 22 of them they fit, and full passes rank candidates better than the estimate."""
+    assert damage.auto_estimator(120.0, 100.0, 32) == ("full", 32)
+    assert damage.auto_estimator(110.0, 159.0, 32) == ("full", 22)
+    assert damage.auto_estimator(40.0, 159.0, 32) == ("sensitivity", 32)  # 8 samples: too few
+    assert damage.auto_estimator(0.0, 1.0, 4) == ("sensitivity", 4)
+
+
+def test_auto_full_passes_on_fewer_samples_score_every_candidate(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    monkeypatch.setattr(damage, "auto_estimator", lambda left, full_s, n: ("full", n // 2))
+    plan = _plan(tmp_path)
+    assert plan.damage["estimator"] == "full" and plan.damage["full_samples"] == plan.damage["samples"] // 2
+    assert all(c.damage is not None for lp in plan.layers for c in lp.usable())
+
+
 def test_without_a_bound_the_sensitivity_passes_keep_to_the_default_budget_on_fewer_samples(tmp_path, monkeypatch):
     monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
     plan = _plan(tmp_path, damage="sensitivity")

@@ -39,31 +39,37 @@ def budget_points(result: dict) -> list[dict]:
     return [p for p in result["points"] if p["kind"] == "budget"]
 
 
-def parse_choice(spec: str) -> tuple[str, dict]:
-    """(method, ranks) of a point's choice label: ``svd 0.25 {'rank': 96}`` (earlier files) or
-    ``svd 0.25 (96)`` (today's)."""
-    method, _fraction, ranks = spec.split(" ", 2)
+def parse_choice(spec: str) -> tuple[str, str, dict]:
+    """(method, fraction, ranks) of a point's choice label: ``svd 0.25 {'rank': 96}`` (earlier
+    files), ``svd 0.25 (96)`` or ``tucker 0.625 (in 16, out 32)`` (today's)."""
+    method, fraction, ranks = spec.split(" ", 2)
     if ranks.startswith("{"):
-        return method, ast.literal_eval(ranks)
+        return method, fraction, ast.literal_eval(ranks)
     inner = ranks.strip("()")
-    if not inner.isdigit():
-        raise SystemExit(f"{spec}: only single-rank choices are rebuilt")
-    return method, {"rank": int(inner)}
+    if inner.isdigit():
+        return method, fraction, {"rank": int(inner)}
+    return method, fraction, {k: int(v) for k, v in (part.split() for part in inner.split(", "))}
 
 
 def rebuild(name: str, point: dict, path: Path) -> Path:
-    """The point's layer choices, compressed with today's code to ``path``."""
-    rules = []
+    """The point's layer choices, compressed with today's code to ``path``: a single rank as an
+    absolute rank, several (Tucker-2's in and out) as the fraction the budget rounded them from,
+    rounded the same way (``round_to`` 8, the default; absolute ranks are used as given) and
+    checked against the label."""
+    rules, expected = [], {}
     for layer, spec in point["choice"].items():
-        method, ranks = parse_choice(spec)
-        if set(ranks) != {"rank"}:
-            raise SystemExit(f"{layer}: {spec}: only single-rank choices are rebuilt")
-        rules.append({"match": "^" + re.escape(layer) + "$", "method": method, "rank": str(ranks["rank"])})
+        method, fraction, ranks = parse_choice(spec)
+        rank = str(ranks["rank"]) if set(ranks) == {"rank"} else fraction
+        rules.append({"match": "^" + re.escape(layer) + "$", "method": method, "rank": rank})
+        expected[layer] = ranks
     config = path.with_suffix(".json")
     config.write_text(json.dumps(rules))
-    compress_file(REAL / name / "model.onnx", path, overwrite=True, calib=str(REAL / name / "calib.npz"),
-                  calib_samples=64, calib_mode="symmetric", rules=load_rules(config), round_to=1,
-                  include=tuple(r["match"] for r in rules))
+    _, report = compress_file(REAL / name / "model.onnx", path, overwrite=True, calib=str(REAL / name / "calib.npz"),
+                           calib_samples=64, calib_mode="symmetric", rules=load_rules(config),
+                           include=tuple(r["match"] for r in rules))
+    for layer in report.layers:
+        if layer.name in expected and layer.ranks and list(layer.ranks.values()) != list(expected[layer.name].values()):
+            raise SystemExit(f"{layer.name}: rebuilt with ranks {layer.ranks}, the point has {expected[layer.name]}")
     return path
 
 

@@ -532,9 +532,9 @@ def _steps(lp: LayerPlan, by_macs: bool) -> list[tuple[float, float, Candidate]]
     """The lower convex hull of (saving, damage) from (0, 0): [(saving, damage, cand), ...]."""
     pts = []
     for c in lp.usable():
-        s = (lp.macs - c.macs) if by_macs else (lp.ms - c.ms)
         if by_macs and (lp.macs is None or c.macs is None):
             continue
+        s = (lp.macs - c.macs) if by_macs else (lp.ms - c.ms)
         if s > 0:
             pts.append((float(s), float(c.damage), c))
     pts.sort(key=lambda p: (p[0], p[1]))
