@@ -6,8 +6,8 @@
 """
 
 from onnxlr.config import CompressConfig, Rule
-from onnxlr.pipeline import compress, compress_file
 from onnxlr.errors import OnnxlrError
+from onnxlr.pipeline import compress, compress_file
 from onnxlr.ranks import RankSpec, parse_rank
 from onnxlr.report.compress import CompressReport, LayerReport
 

@@ -429,8 +429,8 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(args) -> int:
-    from onnxlr.proof.bench import bench
     from onnxlr.data import parse_int_range, parse_shapes
+    from onnxlr.proof.bench import bench
     from onnxlr.proof.verify import write_json
 
     result = bench(

@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxlr.errors import OnnxlrError
-from onnxlr.ranks import RankSpec, parse_rank
-
 from onnxlr.methods import CHOICES as METHODS
 from onnxlr.model.targets import Target
 from onnxlr.quant.config import QuantizeConfig
+from onnxlr.ranks import RankSpec, parse_rank
 from onnxlr.report.compress import CompressReport
 
 log = logging.getLogger("onnxlr")

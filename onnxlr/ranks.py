@@ -61,7 +61,7 @@ class RankSpec:
         return f"{self.kind}:{self.value:g}"
 
 
-def parse_rank(text: str | int | float | RankSpec) -> RankSpec:
+def parse_rank(text: str | float | RankSpec) -> RankSpec:
     """Parse a rank spec; an invalid one raises OnnxlrError listing the valid forms."""
     if isinstance(text, RankSpec):
         return text

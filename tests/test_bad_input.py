@@ -22,9 +22,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxlr.cli import build_parser, main
 from onnxlr.model import io as g
 from onnxlr.model.opset import runtime_max_opset
-from onnxlr.cli import build_parser, main
 
 RNG = np.random.default_rng(0)
 

@@ -11,9 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxlr import runtime
-from onnxlr.proof.bench import bench
 from onnxlr.cli import main
 from onnxlr.errors import OnnxlrError
+from onnxlr.proof.bench import bench
 
 
 def conv(cout: int, cin: int = 32, hw: int | str = 32, batch="N") -> onnx.ModelProto:

@@ -12,9 +12,8 @@ from builders import cnn_model, gemm_model, op_types
 
 from onnxlr.budget import allocate as budget
 from onnxlr.cli import main
-from onnxlr.pipeline import CompressConfig, compress
 from onnxlr.errors import OnnxlrError
-
+from onnxlr.pipeline import CompressConfig, compress
 
 pytestmark = pytest.mark.usefixtures("fast_timing")
 

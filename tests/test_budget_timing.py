@@ -17,7 +17,6 @@ from onnxlr.budget import allocate as budget
 from onnxlr.budget import damage, timing
 from onnxlr.pipeline import CompressConfig, compress
 
-
 pytestmark = pytest.mark.usefixtures("fast_timing")
 
 

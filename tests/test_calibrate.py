@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxlr import data
 from onnxlr.calib import collect as calibrate
 from onnxlr.cli import _compress_config, build_parser
-from onnxlr.pipeline import compress
 from onnxlr.errors import OnnxlrError
 from onnxlr.layers import ConvLayer
+from onnxlr.pipeline import compress
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,8 @@ import onnx
 import pytest
 from builders import cnn_model, matmul_model, random_feeds, rel_error, run_ort
 
-from onnxlr.model import io as onnxlr_graph
 from onnxlr.cli import main
+from onnxlr.model import io as onnxlr_graph
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER_FIELDS = {

@@ -251,7 +251,7 @@ def test_singular_values_match_lapack(shape, dtype):
 def test_tau_threshold_solves_the_paper_equation():
     # alpha = 1: log(1 + tau) / tau = 1/2, tau = 2.5129 (the constant quoted in the paper)
     assert tau_threshold(1.0) == pytest.approx(2.5129, abs=1e-4)
-    phi = lambda z: math.log1p(z) / z - 0.5  # noqa: E731
+    phi = lambda z: math.log1p(z) / z - 0.5
     for alpha in (1e-4, 0.01, 0.111, 0.5, 0.9):
         tau = tau_threshold(alpha)
         assert phi(tau) + phi(tau / alpha) == pytest.approx(0.0, abs=1e-12)

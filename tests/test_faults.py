@@ -21,10 +21,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr.model import io as g
-from onnxlr.model.opset import runtime_max_opset
 from onnxlr.cli import main
 from onnxlr.errors import OnnxlrError
+from onnxlr.model import io as g
+from onnxlr.model.opset import runtime_max_opset
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 

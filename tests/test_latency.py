@@ -7,11 +7,11 @@ import onnx
 import pytest
 from builders import conv_model, gemm_model, run_ort
 
+from onnxlr import methods
 from onnxlr import model as g
 from onnxlr.budget import latency
-from onnxlr import methods
-from onnxlr.ranks import RankSpec
 from onnxlr.model.targets import find_targets
+from onnxlr.ranks import RankSpec
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxlr
 from onnxlr.errors import OnnxlrError
-
 from onnxlr.proof.verify import verify
 
 

@@ -11,10 +11,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import onnxlr
-from onnxlr.pipeline import CompressConfig
+from onnxlr.errors import OnnxlrError
 from onnxlr.methods.linalg import left_singular
 from onnxlr.methods.tucker import channel_spectra
-from onnxlr.errors import OnnxlrError
+from onnxlr.pipeline import CompressConfig
 from onnxlr.ranks import (
     EVBMF_MIN_FRACTION,
     VALID_FORMS,

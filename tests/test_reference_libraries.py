@@ -9,17 +9,17 @@ TensorRT pipelines use to edit graphs: our outputs must survive its import/expor
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 import tensorly as tl
+from builders import cnn_model, exact_cp_kernel, random_feeds, rel_error, run_ort
 from tensorly.decomposition import parafac, partial_tucker
 
 import onnxlr
-from builders import cnn_model, exact_cp_kernel, random_feeds, rel_error, run_ort
+from onnxlr.layers import ConvLayer
 from onnxlr.methods.cp import cp_factors, reconstruct
 from onnxlr.methods.tucker import tucker2_chain
-from onnxlr.layers import ConvLayer
 
 tl.set_backend("numpy")
 

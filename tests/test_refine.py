@@ -214,14 +214,14 @@ def test_every_candidate_of_a_layer_shares_one_eigendecomposition(monkeypatch):
 
 # --- projected statistics: exact for the methods that keep their first factors -----------------
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from onnxlr import methods  # noqa: E402
-from onnxlr.calib.collect import refine_replacement  # noqa: E402
-from onnxlr.layers import ConvLayer  # noqa: E402
-from onnxlr.methods.base import layer_matrices  # noqa: E402
-from onnxlr.ranks import RankSpec  # noqa: E402
+from onnxlr import methods
+from onnxlr.calib.collect import refine_replacement
+from onnxlr.layers import ConvLayer
+from onnxlr.methods.base import layer_matrices
+from onnxlr.ranks import RankSpec
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

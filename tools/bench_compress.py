@@ -114,9 +114,9 @@ def bench_vgg(out_dir: Path) -> dict:
 
 
 def bench_cp() -> dict:
-    from onnxlr.pipeline import single_threaded_blas
-    from onnxlr.methods.cp import cp_chain
     from onnxlr.layers import ConvLayer
+    from onnxlr.methods.cp import cp_chain
+    from onnxlr.pipeline import single_threaded_blas
 
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((512, 512, 3, 3)).astype(np.float32)

@@ -49,9 +49,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlr
-from onnxlr.proof.bench import bench
 from onnxlr.methods import svd as svd_module
 from onnxlr.methods import tucker as tucker_module
+from onnxlr.proof.bench import bench
 from onnxlr.ranks import round_up
 
 MULTIPLES = (1, 2, 4, 8, 16, 32)

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.eval_suite import MODELS, NO_FC, agreement  # noqa: E402
+from tools.eval_suite import MODELS, NO_FC, agreement
 
 # The setting each model is measured at: the README's data-aware rows.
 SETTINGS = {

@@ -33,8 +33,8 @@ import onnxruntime as ort
 
 from onnxlr import model as g
 from onnxlr import runtime
-from onnxlr.report.tables import format_rows as format_table
 from onnxlr.model.targets import find_targets
+from onnxlr.report.tables import format_rows as format_table
 
 GROUPS = ("factorizable", "depthwise", "other target", "rest")
 

@@ -671,7 +671,7 @@ def reduced_whitened_svd(w: np.ndarray, b: np.ndarray | None, moments: ReducedMo
 
 def _tall_reduced_whitened_svd(w, b, moments, rank, fit_bias, values, lam, mu):
     """The T > n case: the SVD of W S (T x n) through its n x n Gram."""
-    from onnxlr.methods.linalg import left_singular  # noqa: PLC0415 -- the Gram route, never V of a wide W
+    from onnxlr.methods.linalg import left_singular  # the Gram route: never V of a wide W
 
     g = moments.basis @ moments.model(centered=fit_bias)[1]
     w = np.asarray(w, dtype=np.float64)

@@ -20,8 +20,8 @@ Grouped convs use R terms per group and keep the group structure in every conv o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import numpy as np
 import scipy.linalg

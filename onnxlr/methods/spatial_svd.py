@@ -27,6 +27,7 @@ linear map of the original im2col patch (taps (i, j...) of channel s).
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 from onnxlr.calib import fit

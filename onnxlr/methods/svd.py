@@ -19,8 +19,8 @@ chain use the original group count, with R channels per group.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import numpy as np
 

@@ -15,8 +15,8 @@ block-diagonal structure survives (R3 and R4 are then per group).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import numpy as np
 

@@ -15,8 +15,15 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxlr.layers import (
+    ConvLayer,
+    LinearLayer,
+    Replacement,
+    chain_conv_macs,
+    conv_macs,
+    linear_macs,
+)
 from onnxlr.model.query import ConstantSource, constants_in, count_uses
-from onnxlr.layers import ConvLayer, LinearLayer, Replacement, chain_conv_macs, conv_macs, linear_macs
 
 FACTORIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 # Spatial size assumed per axis when neither shape inference nor a run can tell, only to decide

@@ -36,8 +36,8 @@ import onnx
 
 from onnxlr import data, runtime
 from onnxlr import model as graph
-from onnxlr.report.tables import format_rows
 from onnxlr.errors import OnnxlrError
+from onnxlr.report.tables import format_rows
 
 log = logging.getLogger("onnxlr")
 
