@@ -1,6 +1,7 @@
 """Where a model's onnxruntime CPU time goes, and how much of it low-rank factorization can touch.
 
     python tools/time_share.py MODEL.onnx[=DATA.npz] ... [--runs 50] [--threads 1] [--json FILE]
+    python tools/time_share.py INT8.onnx=DATA.npz --targets-from MODEL.onnx    # a quantized model
 
 Profiles each model with onnxruntime's profiler (ORT_ENABLE_ALL, as onnxlr bench runs it), fed one
 sample of DATA.npz (keyed by input name, samples stacked on the first axis) or, without it, random
@@ -31,8 +32,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxlr import data, runtime
 from onnxlr import model as g
-from onnxlr import runtime
 from onnxlr.model.targets import find_targets
 from onnxlr.report.tables import format_rows as format_table
 
@@ -81,20 +82,19 @@ def group_of(kernel: str, groups: dict[str, str]) -> str:
     return groups[best] if best is not None else "rest"
 
 
-def profile(path: Path, runs: int, threads: int, data: Path | None = None) -> dict:
+def profile(path: Path, runs: int, threads: int, data_path: Path | None = None,
+            targets_from: Path | None = None) -> dict:
     model = onnx.load(str(path))
-    groups = node_groups(model)
+    groups = node_groups(onnx.load(str(targets_from)) if targets_from is not None else model)
     opts = runtime.session_options(threads)
     with tempfile.TemporaryDirectory() as tmp:
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "profile")
         session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        specs = runtime.input_specs(session)
-        if data is not None:
-            feed = {k: v[:1] for k, v in runtime.load_npz(data, specs).items()}
-        else:
-            shapes = runtime.resolve_shapes(specs, None, 1)
-            feed = runtime.random_inputs(specs, shapes, 1, seed=0, int_range=(0, 2))
+        specs = data.model_input_specs(model)
+        source = (data.open_source(str(data_path), specs, what="data") if data_path is not None
+                  else data.random_source(specs, None, 1))
+        feed = next(iter(data.batches(data.limited(source, 1), specs)))
         for _ in range(5):  # warm-up runs are profiled too; they are dropped below
             session.run(None, feed)
         for _ in range(runs):
@@ -132,11 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: steadier shares)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
+    p.add_argument("--targets-from", type=Path, metavar="ORIGINAL",
+                   help="group the nodes by ORIGINAL's targets (an int8 QDQ model keeps its float model's node "
+                        "names, but its weights come from DequantizeLinear, so it has no targets of its own)")
     args = p.parse_args(argv)
     results = []
     for item in args.models:
         model, _, data = item.partition("=")
-        results.append(profile(Path(model), args.runs, args.threads, Path(data) if data else None))
+        results.append(profile(Path(model), args.runs, args.threads, Path(data) if data else None,
+                               args.targets_from))
     rows = [[Path(r["model"]).parent.name or r["model"]]
             + [f"{r['median_ms'][k]:.2f} ms ({100 * r['share'][k]:.0f}%)" for k in GROUPS]
             + [f"{r['bound_speedup']:.2f}x"] for r in results]
