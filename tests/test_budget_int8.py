@@ -155,3 +155,37 @@ def test_an_int8_sweep_evaluates_int8_models(tmp_path):
     assert seen == [False, True, True, True]
     assert [p.kind for p in result.points] == ["budget", "uniform", "original"]
     assert result.points[-1].layers_replaced == 0
+
+
+def test_an_int8_budget_scores_the_logits_of_a_softmax_output_after_quantization_renames_them(tmp_path, monkeypatch):
+    """PP-OCRv6: its Softmax reads an Identity's output. onnxruntime's quantization pre-processing
+    (without sympy, as a plain install has it) removes the Identity, so the int8 model has no tensor
+    of that name: the budget failed to load it ("Graph output ... does not exist"). The logits are
+    found in each scored model by following its own Softmax output."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    w2 = (rng.standard_normal((64, 32)) / 8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W1"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "W2"], ["logits"], name="fc2"),
+         helper.make_node("Identity", ["logits"], ["z"], name="ident"),
+         helper.make_node("Softmax", ["z"], ["y"], axis=-1)],
+        "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
+        [onnx.numpy_helper.from_array(w1, "W1"), onnx.numpy_helper.from_array(w2, "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((40, 64)).astype(np.float32))
+    quantized = budget.quantize_built(model, QuantizeConfig(), str(tmp_path / "calib.npz"), None)
+    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    monkeypatch.setattr(budget, "MAX_LAYER_DAMAGE", 10.0)
+    work = onnx.ModelProto.FromString(model.SerializeToString())
+    config = CompressConfig(cache_dir=tmp_path, calib=str(tmp_path / "calib.npz"), quantize=QuantizeConfig())
+    plan = budget.build_plan(work, find_targets(work, g.infer_shapes(work)), config)
+    assert plan.logits == {"z": onnx.TensorProto.FLOAT}
+    (int8_logits,) = budget.scored_outputs(plan, quantized, plan.check_feeds)
+    assert int8_logits.shape == plan.reference_outputs[0].shape
+    assert 0 < plan.base_damage < 0.1  # the int8 original's logits, not its probabilities
+    assert plan.base_damage == pytest.approx(budget.output_error(plan.reference_outputs, [int8_logits]) ** 2)

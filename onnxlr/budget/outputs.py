@@ -58,10 +58,18 @@ def softmax_logits(model: onnx.ModelProto) -> dict:
 
 
 def scored_outputs(plan, model: bytes | onnx.ModelProto, feeds: list) -> list[np.ndarray]:
-    """The outputs errors are measured on: the graph outputs, or the logits of Softmax outputs."""
+    """The outputs errors are measured on: the graph outputs, or the logits of Softmax outputs.
+
+    The logits are found in ``model`` itself, in graph-output order: a tensor name of the plan's
+    model need not survive in the models it scores (onnxruntime's quantization pre-processing
+    removes the Identity between PP-OCRv6's logits and its Softmax, and the name with it)."""
     if not plan.logits:
         return run_outputs(model, feeds)
-    return run_outputs(model, feeds, plan.logits)[-len(plan.logits):]
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
+    logits = softmax_logits(proto)
+    if len(logits) != len(plan.logits):
+        raise ValueError(f"the scored model has {len(logits)} Softmax output(s), the plan's {len(plan.logits)}")
+    return run_outputs(proto, feeds, logits)[-len(logits):]
 
 
 def output_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
