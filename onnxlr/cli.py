@@ -198,10 +198,11 @@ def _add_budget_options(p, goals: bool = True) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="intra-op threads the model will run with: every timing of the plan uses them "
                         "(default: $ONNXLR_BENCH_THREADS or the number of cores)")
-    p.add_argument("--damage", choices=("auto", "full", "sensitivity"), default="auto",
+    p.add_argument("--damage", choices=("auto", "full", "sensitivity", "shipped"), default="auto",
                    help="with --calib, how a candidate's damage is found: full (one model pass per "
                         "candidate), sensitivity (its layer-output error times the layer's sensitivity, "
-                        "one pass per layer), auto (full when it fits the time, the default)")
+                        "one pass per layer), auto (full when it fits the time, the default), shipped "
+                        "(with --quantize int8: each candidate's int8 model quantized and measured)")
     p.add_argument("--plan-time", type=float, default=None, metavar="SECONDS",
                    help="bound on the damage phase: cheaper estimators take over when it would be passed")
 

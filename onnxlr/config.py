@@ -74,7 +74,7 @@ class CompressConfig:
     provider: str = "cpu"  # execution provider the budget's latencies are measured on
     cache_dir: str | os.PathLike | None = None  # latency cache (default ~/.cache/onnxlr)
     threads: int | None = None  # intra-op threads the budget times with (None: ONNXLR_BENCH_THREADS or all cores)
-    damage: str = "auto"  # damage estimator with --calib: auto, full, sensitivity (onnxlr.budget.damage)
+    damage: str = "auto"  # damage estimator with --calib: auto, full, sensitivity, shipped (onnxlr.budget.damage)
     plan_time: float | None = None  # seconds the damage phase may take (falls back to cheaper estimators)
     # Input shapes (name -> dims) for sizing layers (MACs) where the model leaves dims dynamic and
     # no calibration data gives them.
@@ -145,8 +145,11 @@ def check_budget(config: CompressConfig) -> None:
         raise OnnxlrError(f"--target-macs must be a fraction in (0, 1), got {config.target_macs}")
     if config.max_error is not None and not float(config.max_error) > 0:
         raise OnnxlrError(f"--max-error must be a number > 0, got {config.max_error}")
-    if config.damage not in ("auto", "full", "sensitivity"):
-        raise OnnxlrError(f"unknown --damage {config.damage!r}: choose one of auto, full, sensitivity")
+    if config.damage not in ("auto", "full", "sensitivity", "shipped"):
+        raise OnnxlrError(f"unknown --damage {config.damage!r}: choose one of auto, full, sensitivity, shipped")
+    if config.damage == "shipped" and config.quantize is None:
+        raise OnnxlrError("--damage shipped measures each candidate on the int8 model compress writes: "
+                          "it needs --quantize int8")
     if config.plan_time is not None and not float(config.plan_time) > 0:
         raise OnnxlrError(f"--plan-time must be a number of seconds > 0, got {config.plan_time}")
     if config.threads is not None and int(config.threads) < 1:

@@ -189,3 +189,43 @@ def test_an_int8_budget_scores_the_logits_of_a_softmax_output_after_quantization
     assert int8_logits.shape == plan.reference_outputs[0].shape
     assert 0 < plan.base_damage < 0.1  # the int8 original's logits, not its probabilities
     assert plan.base_damage == pytest.approx(budget.output_error(plan.reference_outputs, [int8_logits]) ** 2)
+
+
+def test_shipped_damage_is_the_int8_models_error_less_the_int8_originals(tmp_path, monkeypatch):
+    """--damage shipped: each candidate's damage is the squared output error of the int8 model with
+    that one layer factorized (balanced, quantized as compress ships it) less the int8 original's,
+    which can be negative; the allocation and the written model follow from it as from any damage."""
+    from onnxlr.quant import balance_replacement
+
+    model = cnn_model(channels=(4, 32, 32), spatial=8)
+    _calib(tmp_path, n=20, channels=4)
+    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    work = onnx.ModelProto.FromString(model.SerializeToString())
+    config = CompressConfig(cache_dir=tmp_path, calib=str(tmp_path / "calib.npz"), quantize=QuantizeConfig(),
+                            damage="shipped")
+    plan = budget.build_plan(work, find_targets(work, g.infer_shapes(work)), config)
+    assert plan.damage["estimator"] == "shipped"
+    assert plan.damage["int8_original_damage"] == pytest.approx(plan.base_damage)  # damage and check samples agree
+    lp = next(lp for lp in plan.layers if lp.usable())
+    cand = lp.usable()[0]
+    chosen = {lp.index: budget.Candidate(cand.method, cand.fraction, cand.ranks, balance_replacement(cand.replacement),
+                                         cand.macs, cand.weight_error)}
+    shipped = budget.build_shipped(plan, chosen)
+    assert _quantized(shipped)
+    error = budget.output_error(plan.reference_outputs, budget.scored_outputs(plan, shipped, plan.check_feeds))
+    assert cand.damage == pytest.approx(error**2 - plan.base_damage, rel=1e-6, abs=1e-9)
+    out, report = compress(model, target_speedup=1.2, calib=str(tmp_path / "calib.npz"), damage="shipped",
+                           quantize=QuantizeConfig(), cache_dir=tmp_path)
+    assert _quantized(out) and report.budget["damage"]["estimator"] == "shipped"
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_shipped_damage_without_int8_is_one_clear_line(tmp_path, capsys):
+    onnx.save(cnn_model(channels=(4, 16, 16), spatial=8), tmp_path / "m.onnx")
+    _calib(tmp_path, n=20, channels=4)
+    out = tmp_path / "out.onnx"
+    rc = main(["compress", str(tmp_path / "m.onnx"), "-o", str(out), "--target-speedup", "1.2",
+               "--calib", str(tmp_path / "calib.npz"), "--damage", "shipped"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not out.exists()
+    assert len(err) == 1 and "--damage shipped" in err[0] and "--quantize int8" in err[0]

@@ -242,6 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=100, help="interleaved rounds of the re-timing (0: none)")
     p.add_argument("--int-range", default=None,
                    help="LO:HI, integer inputs of the re-timing (default 0:2 for all-minilm-l6-v2, else 0:100)")
+    p.add_argument("--damage", default="auto", help="the damage estimator (compress --damage); shipped applies "
+                                                     "to the int8 sweep, the fp32 sweep uses auto then")
     p.add_argument("--render", action="store_true", help="only rewrite <out>/<name>.md from <out>/<name>.json")
     p.add_argument("--int8", action="store_true",
                    help="also sweep planned for int8 (--quantize int8): int8-budget, int8-uniform and int8-original "
@@ -286,7 +288,7 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
     config = CompressConfig(calib=None if args.data_free else str(calib),
                             calib_samples=None if args.data_free else args.calib_samples,
-                            cache_dir=args.cache_dir)
+                            cache_dir=args.cache_dir, damage="auto" if args.damage == "shipped" else args.damage)
     t0 = time.perf_counter()
     result = sweep(str(model), parse_floats(args.targets, "--targets"), uniform=parse_floats(args.uniform, "--uniform"),
                    evaluate=evaluate, config=config)
@@ -299,7 +301,7 @@ def main(argv=None) -> int:
         n_fp32 = len(saved)
         int8_result = sweep(str(model), parse_floats(args.int8_targets or args.targets, "--int8-targets"),
                             uniform=parse_floats(args.uniform, "--uniform"), evaluate=evaluate,
-                            config=replace(config, quantize=QuantizeConfig()))
+                            config=replace(config, quantize=QuantizeConfig(), damage=args.damage))
         # the int8 sweep evaluated the fp32 original again: one copy of its model and metrics
         saved.pop(n_fp32).unlink()
         if len(records) > n_fp32:

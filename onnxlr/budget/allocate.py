@@ -84,7 +84,9 @@ from onnxlr.budget import latency, timing
 from onnxlr.budget.outputs import (  # noqa: F401  (public here too: sweep, tools and tests use them)
     ERROR_ON_LOGITS,
     build_model,
+    build_shipped,
     output_error,
+    quantize_built,
     run_outputs,
     scored_outputs,
     softmax_logits,
@@ -447,25 +449,6 @@ def _layer_macs_only(t: Target) -> int | None:
 # --- building and measuring -----------------------------------------------------------------
 
 
-def quantize_built(model: onnx.ModelProto, quantize, calib, samples: int | None) -> onnx.ModelProto:
-    """``model`` quantized exactly as compress quantizes its output (:func:`onnxlr.quant.quantize_on`
-    on the same --calib data and sample limit: the same calibration feeds, the same layers kept in
-    float)."""
-    from onnxlr.quant import quantize_on
-
-    quantized, _ = quantize_on(model, quantize, calib, samples)
-    return quantized
-
-
-def build_shipped(plan: Plan, choice: dict) -> onnx.ModelProto:
-    """The model the pipeline writes for ``choice``: built (the plan's candidates come balanced
-    for int8), then quantized as compress quantizes it when the plan is for int8."""
-    model = build_model(plan, choice)
-    if plan.quantize is None:
-        return model
-    return quantize_built(model, plan.quantize, plan.quant_calib, plan.quant_samples)
-
-
 def measure(plan: Plan, model: onnx.ModelProto, budget_s: float = MODEL_BUDGET_S) -> tuple[float, float]:
     """(measured speedup: median of per-round ratios, relative output error on the check data)."""
     timed = measure_timed(plan, model, budget_s)
@@ -598,14 +581,16 @@ def allocate(plan: Plan, *, target_speedup: float | None = None, target_macs: fl
         step = hulls[i][pos[i]]
         prev_d = hulls[i][pos[i] - 1][1] if pos[i] else 0.0
         new_damage = damage - prev_d + step[1]
-        if max_error is not None and math.sqrt(plan.base_damage + new_damage) * plan.error_scale > max_error:
+        if max_error is not None and math.sqrt(max(plan.base_damage + new_damage, 0.0)) * plan.error_scale > max_error:
             continue  # this layer goes no further
         damage = new_damage
         choice[i] = step[2]
         pos[i] += 1
         push(i)
     ms, macs = state()
-    return Allocation(choice, ms, plan.fp32_ms / ms, math.sqrt(plan.base_damage + damage) * plan.error_scale, macs,
+    # a shipped-int8 damage can be negative (a factorized layer that makes the int8 model more accurate)
+    predicted = math.sqrt(max(plan.base_damage + damage, 0.0)) * plan.error_scale
+    return Allocation(choice, ms, plan.fp32_ms / ms, predicted, macs,
                       reached=done() or max_error is not None)
 
 

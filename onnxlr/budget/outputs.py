@@ -93,3 +93,22 @@ def build_model(plan, choice: dict) -> onnx.ModelProto:
     for index in sorted(choice):  # graph order, as the pipeline splices: the same names
         splice(targets[index], choice[index].replacement, names, opset, model.ir_version)
     return model
+
+
+def quantize_built(model: onnx.ModelProto, quantize, calib, samples: int | None) -> onnx.ModelProto:
+    """``model`` quantized exactly as compress quantizes its output (:func:`onnxlr.quant.quantize_on`
+    on the same --calib data and sample limit: the same calibration feeds, the same layers kept in
+    float)."""
+    from onnxlr.quant import quantize_on
+
+    quantized, _ = quantize_on(model, quantize, calib, samples)
+    return quantized
+
+
+def build_shipped(plan, choice: dict) -> onnx.ModelProto:
+    """The model the pipeline writes for ``choice``: built (the plan's candidates come balanced
+    for int8), then quantized as compress quantizes it when the plan is for int8."""
+    model = build_model(plan, choice)
+    if plan.quantize is None:
+        return model
+    return quantize_built(model, plan.quantize, plan.quant_calib, plan.quant_samples)
