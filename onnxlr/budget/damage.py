@@ -4,7 +4,7 @@ layer is replaced by it, d = ||y - y_c||^2 / ||y||^2 on held-out calibration sam
 Every candidate is first refined on the calibration samples that are not held out (symmetric
 statistics, ``merge_held=False``), which gives, for free, its layer's relative output error on the
 held-out moments, e_c (:func:`onnxlr.calib.collect.refine_replacement`'s "after"; the weight
-error where no moments apply). Then one of three estimators::
+error where no moments apply). Then one of these estimators::
 
     full         d_c = measured, one full-model pass over the damage samples per candidate
     sensitivity  d_c = s_l * e_c^2,  s_l = d_m / e_m^2 with m the layer's middle candidate
@@ -23,10 +23,11 @@ error where no moments apply). Then one of three estimators::
 213 candidates against 13 layers. ``auto`` (the default) times the reference pass and uses full
 passes when their estimated cost fits in the damage phase's bound (``--plan-time``, else
 :data:`FULL_PASS_BUDGET_S`), on fewer of the damage samples when only that fits (at least
-:data:`MIN_FULL_SAMPLES`; ``full_samples`` in the record), else the sensitivity estimator; a bound the work would pass while
-scoring switches the remaining layers to the cheaper estimator (sensitivity on fewer samples,
-then layer-error; where refining the next layer would pass it, weight-error with the data-free
-factors kept), and the plan says which estimator scored how many layers. Without a bound the
+:data:`MIN_FULL_SAMPLES`; ``full_samples`` in the record), else the sensitivity estimator; a
+bound the work would pass while scoring switches the remaining layers to the cheaper estimator
+(sensitivity on fewer samples, then layer-error; where refining the next layer would pass it,
+weight-error with the data-free factors kept), and the plan says which estimator scored how many
+layers. Without a bound the
 sensitivity passes alone are held to :data:`FULL_PASS_BUDGET_S` by running them on fewer of the
 damage samples (at least :data:`MIN_SENSITIVITY_SAMPLES`; ``sensitivity_samples`` in the record).
 
@@ -115,8 +116,7 @@ def score(plan, work, todo, config, samples: list, specs) -> dict:
         if estimator == "shipped":
             from onnxlr.quant import balance_replacement
 
-            base = plan.shipped_base
-            original_damage = output_error(reference, scored_outputs(plan, base, feeds)) ** 2
+            original_damage = output_error(reference, scored_outputs(plan, plan.shipped_base, feeds)) ** 2
             record["int8_original_damage"] = original_damage
         if bound is None and estimator == "sensitivity" and est_sens > budget:
             # no --plan-time: the passes alone keep to the default budget, on fewer samples, so
