@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 from onnxlr import model as g
 from onnxlr.budget import allocate as budget
 from onnxlr.budget.outputs import output_error, scored_outputs
-from onnxlr.config import CompressConfig, apply_filters
-from onnxlr.model.targets import find_targets
+from onnxlr.config import CompressConfig
+from onnxlr.pipeline import prepare_targets
 from onnxlr.quant import QuantizeConfig
 from onnxlr.report.compress import CompressReport
 
@@ -48,8 +48,7 @@ def main(argv=None) -> int:
                             quantize=QuantizeConfig())
     work = g.load_model(folder / "model.onnx")
     g.fold_constant_weights(work)
-    found = find_targets(work, g.infer_shapes(work))
-    apply_filters(found, config, CompressReport())
+    found = prepare_targets(work, config, CompressReport())  # as compress plans it
     started = time.perf_counter()
     plan = budget.build_plan(work, found, config)
     plan_s = time.perf_counter() - started

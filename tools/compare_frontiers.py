@@ -67,9 +67,10 @@ def rebuild(name: str, point: dict, path: Path) -> Path:
     _, report = compress_file(REAL / name / "model.onnx", path, overwrite=True, calib=str(REAL / name / "calib.npz"),
                            calib_samples=64, calib_mode="symmetric", rules=load_rules(config),
                            include=tuple(r["match"] for r in rules))
-    for layer in report.layers:
-        if layer.name in expected and layer.ranks and list(layer.ranks.values()) != list(expected[layer.name].values()):
-            raise SystemExit(f"{layer.name}: rebuilt with ranks {layer.ranks}, the point has {expected[layer.name]}")
+    rebuilt = {layer.name: layer.ranks for layer in report.layers if layer.ranks}
+    for layer, ranks in expected.items():
+        if list(rebuilt.get(layer, {}).values()) != list(ranks.values()):
+            raise SystemExit(f"{layer}: rebuilt with ranks {rebuilt.get(layer)}, the point has {ranks}")
     return path
 
 

@@ -59,7 +59,8 @@ its share), timed interleaved with the fp32 original; the goal stays the speedup
 original. The quantized original's own squared output error is the damage floor every allocation
 starts from. Full-pass damages use the candidate's chain balanced and with its weights
 fake-quantized as onnxruntime quantizes them (:func:`onnxlr.quant.fake_quantize_chain`: no extra
-pass; activation rounding is left to the checks). Every check builds the model, balances its chains
+pass; activation rounding is left to the checks); ``--damage shipped`` measures each candidate's
+int8 model instead (:mod:`onnxlr.budget.damage`). Every check builds the model, balances its chains
 and quantizes it with :func:`onnxlr.quant.quantize_on` on the same ``--calib`` samples as compress
 (:func:`build_shipped`), so the int8 model measured is the one the pipeline writes: the decisions
 carry the balanced replacements and the pipeline quantizes them the same way. The final re-time

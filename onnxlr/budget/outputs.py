@@ -23,9 +23,8 @@ ERROR_ON_LOGITS = True
 def run_outputs(model: bytes | onnx.ModelProto, feeds: list, extra: dict | None = None) -> list[np.ndarray]:
     """Every graph output (then the ``extra`` tensors, name -> dtype) over all ``feeds``,
     concatenated."""
-    if extra:
-        m = onnx.load_from_string(model if isinstance(model, bytes) else model.SerializeToString())
-        model = g.expose_outputs(m, extra)
+    if extra:  # expose_outputs works on a copy: a model passed in is not changed
+        model = g.expose_outputs(onnx.load_from_string(model) if isinstance(model, bytes) else model, extra)
     session = runtime.make_session(model)
     names = [o.name for o in session.get_outputs()]
     parts: list[list[np.ndarray]] = [[] for _ in names]
