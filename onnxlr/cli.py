@@ -205,6 +205,9 @@ def _add_budget_options(p, goals: bool = True) -> None:
                         "(with --quantize int8: each candidate's int8 model quantized and measured)")
     p.add_argument("--plan-time", type=float, default=None, metavar="SECONDS",
                    help="bound on the damage phase: cheaper estimators take over when it would be passed")
+    p.add_argument("--search-time", type=float, default=None, metavar="SECONDS",
+                   help="with --calib, seconds per goal for swapping steps between layers, each swap measured "
+                        "on the whole model (default 60; 0: keep the greedy allocation)")
 
 
 def _compress_config(args):
@@ -220,7 +223,7 @@ def _compress_config(args):
     if args.rank is not None:
         fields["rank"] = args.rank
     for name in ("target_speedup", "target_macs", "max_error", "cache_dir", "provider", "threads", "damage",
-                 "plan_time"):
+                 "plan_time", "search_time"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "quantize", None) is not None:
@@ -473,7 +476,8 @@ def _run_sweep(args) -> int:
     from onnxlr.model import write_text_atomic
 
     fields = {**_selection_fields(args), "provider": args.provider, "cache_dir": args.cache_dir,
-              "threads": args.threads, "damage": args.damage, "plan_time": args.plan_time}
+              "threads": args.threads, "damage": args.damage, "plan_time": args.plan_time,
+              "search_time": args.search_time}
     targets = parse_floats(args.targets, "--targets")
     uniform = () if str(args.uniform).strip().lower() == "none" else parse_floats(args.uniform, "--uniform")
     result = sweep(args.model, targets, uniform=uniform, config=CompressConfig(**fields))

@@ -76,6 +76,7 @@ class CompressConfig:
     threads: int | None = None  # intra-op threads the budget times with (None: ONNXLR_BENCH_THREADS or all cores)
     damage: str = "auto"  # damage estimator with --calib: auto, full, sensitivity, shipped (onnxlr.budget.damage)
     plan_time: float | None = None  # seconds the damage phase may take (falls back to cheaper estimators)
+    search_time: float | None = None  # seconds of in-context search per goal (None: the default, 0: none)
     # Input shapes (name -> dims) for sizing layers (MACs) where the model leaves dims dynamic and
     # no calibration data gives them.
     shapes: dict = field(default_factory=dict)
@@ -152,6 +153,8 @@ def check_budget(config: CompressConfig) -> None:
                           "it needs --quantize int8")
     if config.plan_time is not None and not float(config.plan_time) > 0:
         raise OnnxlrError(f"--plan-time must be a number of seconds > 0, got {config.plan_time}")
+    if config.search_time is not None and not float(config.search_time) >= 0:
+        raise OnnxlrError(f"--search-time must be a number of seconds >= 0, got {config.search_time}")
     if config.threads is not None and int(config.threads) < 1:
         raise OnnxlrError(f"--threads must be an integer >= 1, got {config.threads}")
 

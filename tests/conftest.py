@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from onnxlr.budget import allocate as budget
-from onnxlr.budget import latency
+from onnxlr.budget import latency, search
 
 
 @pytest.fixture
@@ -18,3 +18,4 @@ def fast_timing(monkeypatch):
     monkeypatch.setattr(budget, "FINAL_BUDGET_S", 1.0)
     monkeypatch.setattr(budget, "CHECK_SAMPLES", 4)
     monkeypatch.setattr(budget, "DAMAGE_SAMPLES", 4)
+    monkeypatch.setattr(search, "SEARCH_BUDGET_S", 5.0)

@@ -81,7 +81,7 @@ import onnx
 
 from onnxlr import data, methods, runtime
 from onnxlr import model as g
-from onnxlr.budget import latency, timing
+from onnxlr.budget import latency, search, timing
 from onnxlr.budget.outputs import (  # noqa: F401  (public here too: sweep, tools and tests use them)
     ERROR_ON_LOGITS,
     build_model,
@@ -199,6 +199,7 @@ class Allocation:
     rounds: list = field(default_factory=list)
     reached: bool = True
     timing: dict | None = None  # the figure's spread and conditions (see measure_timed)
+    search: dict | None = None  # the in-context search's record (onnxlr.budget.search), when it ran
 
     def summary(self) -> dict:
         return {
@@ -210,6 +211,7 @@ class Allocation:
             "macs": self.macs,
             "rounds": self.rounds,
             "timing": self.timing,
+            "search": self.search,
         }
 
 
@@ -588,18 +590,30 @@ def allocate(plan: Plan, *, target_speedup: float | None = None, target_macs: fl
         choice[i] = step[2]
         pos[i] += 1
         push(i)
-    ms, macs = state()
+    return _allocation(plan, choice, reached=done() or max_error is not None)
+
+
+def _allocation(plan: Plan, choice: dict, reached: bool = True) -> Allocation:
+    """``choice`` with its predicted time, speedup, error and MACs."""
+    lp_by = {lp.index: lp for lp in plan.layers}
+    ms = plan.model_ms - plan.alpha * sum(lp_by[i].ms - c.ms for i, c in choice.items())
+    macs = plan.total_macs - sum(lp_by[i].macs - c.macs for i, c in choice.items()
+                                 if lp_by[i].macs is not None and c.macs is not None)
+    damage = sum(c.damage for c in choice.values())
     # a shipped-int8 damage can be negative (a factorized layer that makes the int8 model more accurate)
     predicted = math.sqrt(max(plan.base_damage + damage, 0.0)) * plan.error_scale
-    return Allocation(choice, ms, plan.fp32_ms / ms, predicted, macs,
-                      reached=done() or max_error is not None)
+    return Allocation(choice, ms, plan.fp32_ms / ms, predicted, macs, reached=reached)
 
 
 def solve(plan: Plan, *, target_speedup=None, target_macs=None, max_error=None, rounds: int = MAX_ROUNDS,
-          check: bool = True) -> Allocation:
+          check: bool = True, search_s: float | None = None) -> Allocation:
     """Allocate, build, measure; recalibrate (alpha, error scale) and redo while the measured
     result misses the goal, at most ``rounds`` times. Returns the first allocation that meets a
-    speedup goal, the fastest that meets ``max_error``, else the closest miss."""
+    speedup goal, the fastest that meets ``max_error``, else the closest miss. With calibration
+    data, an allocation that meets a speedup or MACs goal is then improved by the in-context
+    search (:mod:`onnxlr.budget.search`, ``search_s`` seconds, default
+    :data:`onnxlr.budget.search.SEARCH_BUDGET_S`; 0: no search), kept when its own check meets
+    the goal with less error."""
     goals = [x is not None for x in (target_speedup, target_macs, max_error)]
     if sum(goals) != 1:
         raise OnnxlrError("give exactly one of --target-speedup, --target-macs, --max-error")
@@ -658,12 +672,59 @@ def solve(plan: Plan, *, target_speedup=None, target_macs=None, max_error=None, 
                 fallback = alloc
             plan.error_scale *= float(np.clip(error / max(alloc.predicted_error, 1e-12), 1.05, 20))
     progress.close()
+    search_s = search.SEARCH_BUDGET_S if search_s is None else search_s
+    if best is not None and max_error is None and plan.data_aware and search_s > 0:
+        best = _searched(plan, best, target_speedup, search_s, history)
     best = best or fallback or alloc
     best.reached = best.reached and (
         (target_speedup is None or best.measured_speedup >= target_speedup)
         and (max_error is None or best.measured_error <= max_error))
     best.rounds = history
     return best
+
+
+def _searched(plan: Plan, best: Allocation, target_speedup: float | None, search_s: float,
+              history: list) -> Allocation:
+    """``best`` improved by the in-context search, when the improvement's own check meets the
+    goal with less output error; else ``best`` (the search's record is kept either way)."""
+    by_macs = target_speedup is None
+    hulls = {lp.index: _steps(lp, by_macs) for lp in plan.layers}
+    positions = {i: 0 for i in hulls}
+    for i, cand in best.choice.items():
+        steps = [h[2] for h in hulls[i]]
+        if not any(c is cand for c in steps):
+            return best  # not a hull step (a hand-made choice): nothing to search from
+        positions[i] = next(k for k, c in enumerate(steps) if c is cand) + 1
+    result = search.improve(hulls, positions, search.scorer(plan), {lp.index: lp.name for lp in plan.layers},
+                            search_s)
+    record = result.record()
+    choice = {i: hulls[i][k - 1][2] for i, k in result.positions.items() if k > 0}
+    if not result.swaps:
+        best.search = {**record, "kept": "no swap taken"}
+        return best
+    found = _allocation(plan, choice)
+    model = build_shipped(plan, choice)
+    found.timing = measure_timed(plan, model)
+    found.measured_speedup = found.timing["speedup"]
+    found.measured_error = output_error(plan.reference_outputs, scored_outputs(plan, model, plan.check_feeds))
+    del model
+    history.append({"round": "search", "alpha": plan.alpha, "error_scale": plan.error_scale,
+                    "layers": len(choice), "predicted_speedup": found.predicted_speedup,
+                    "measured_speedup": found.measured_speedup, "p10": found.timing["p10"],
+                    "p90": found.timing["p90"], "contended": found.timing["conditions"]["contended"],
+                    "remeasured": found.timing["conditions"]["remeasured"],
+                    "predicted_error": found.predicted_error, "measured_error": found.measured_error})
+    log.info("budget search: %d swaps, error %.4g -> %.4g, measured %.3fx", len(result.swaps),
+             best.measured_error, found.measured_error, found.measured_speedup)
+    slower = target_speedup is not None and found.measured_speedup < target_speedup
+    if slower or found.measured_error >= best.measured_error:
+        best.search = {**record, "kept": (f"the greedy allocation: the searched one measured "
+                                          f"{found.measured_speedup:.3f}x" if slower else
+                                          f"the greedy allocation: the searched one measured error "
+                                          f"{found.measured_error:.4g}")}
+        return best
+    found.search = {**record, "kept": "the searched allocation"}
+    return found
 
 
 # --- the compress hook ----------------------------------------------------------------------
@@ -678,7 +739,7 @@ def plan_decisions(work: onnx.ModelProto, targets: list[Target], config, report)
     plan = build_plan(work, targets, config, cache_dir=getattr(config, "cache_dir", None))
     t0 = time.perf_counter()
     alloc = solve(plan, target_speedup=config.target_speedup, target_macs=config.target_macs,
-                  max_error=config.max_error)
+                  max_error=config.max_error, search_s=getattr(config, "search_time", None))
     t1 = time.perf_counter()
     check_speedup = alloc.measured_speedup
     progress = Progress("budget: final re-time", None, unit="rounds")
@@ -720,6 +781,12 @@ def plan_decisions(work: onnx.ModelProto, targets: list[Target], config, report)
         f"(p10-p90 {final['p10']:.2f}-{final['p90']:.2f}{vs_int8}, {final['runs']} interleaved rounds; "
         f"{timing.Conditions(**{k: v for k, v in cond.items() if k not in ('remeasured', 'first')}).describe()}); "
         f"output error {alloc.measured_error:.4g} on {where}; plan {plan.seconds['total']:.0f} s")
+    if alloc.search is not None:
+        found = alloc.search
+        report.model_notes.append(
+            f"budget search (swaps measured on the whole model): error {found['error_before']:.4g} -> "
+            f"{found['error_after']:.4g} in {len(found['swaps'])} swap(s), {found['evaluations']} passes, "
+            f"{found['seconds']:.0f} s ({found['stopped']}); kept {found['kept']}")
     if not alloc.reached:
         report.warnings.append(f"budget: the {goal} was not reached (measured {alloc.measured_speedup:.2f}x, "
                                f"p10-p90 {final['p10']:.2f}-{final['p90']:.2f})")

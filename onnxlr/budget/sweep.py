@@ -199,7 +199,7 @@ def sweep(
     progress = Progress("sweep: budget targets", len(targets), unit="targets")
     for i, x in enumerate(sorted(targets)):
         t0 = time.perf_counter()
-        alloc = budget.solve(plan, target_speedup=x)
+        alloc = budget.solve(plan, target_speedup=x, search_s=config.search_time)
         p = point("budget", x, alloc.choice, alloc)
         p.seconds += time.perf_counter() - t0
         points.append(p)
