@@ -96,7 +96,10 @@ def test_the_search_never_loses_saving_nor_adds_error(draw):
     assert _saving(hulls, found.positions) >= _saving(hulls, start) - 1e-9
     assert found.error_after <= found.error_before + 1e-12
     assert found.error_after == pytest.approx(math.sqrt(max(err2(choice), 0.0)), abs=1e-12)
-    assert len(found.swaps) <= search.MAX_SWAPS
+    assert len(found.swaps) <= search.MAX_SWAPS and len(found.path) == len(found.swaps)
+    assert found.path[-1] == found.positions if found.path else found.positions == start
+    errors = [err2({i: hulls[i][k - 1][2] for i, k in p.items() if k > 0}) for p in [start, *found.path]]
+    assert errors == sorted(errors, reverse=True)  # every swap taken lowered the measured error
 
 
 def _calibrated(tmp_path, model):

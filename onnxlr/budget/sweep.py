@@ -56,6 +56,7 @@ class SweepPoint:
     metric: float | None = None
     seconds: float = 0.0
     choice: dict = field(default_factory=dict)
+    search: dict | None = None  # the in-context search's record (onnxlr.budget.search), budget points
 
 
 @dataclass
@@ -189,6 +190,7 @@ def sweep(
                        choice={lp.name: choice[lp.index].label() for lp in plan.layers if lp.index in choice})
         if alloc is not None:
             p.predicted_speedup, p.predicted_error, p.reached = alloc.predicted_speedup, alloc.predicted_error, alloc.reached
+            p.search = alloc.search
         if evaluate is not None:
             p.metric = float(evaluate(built))
         p.seconds = time.perf_counter() - t0
