@@ -133,3 +133,24 @@ def test_search_time_is_validated_through_the_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--search-time must be a number of seconds >= 0" in err and "Traceback" not in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_with_less_saving_needed_a_step_goes_back_alone():
+    """Where the allocation's check measured more speed than the target asks, the search may give
+    the excess back: the least efficient step goes back without a step elsewhere."""
+    hulls = {0: _hull((5.0, 0.01)), 1: _hull((2.0, 0.05))}
+    err2 = _interacting(hulls, {})
+    found = search.improve(hulls, {0: 1, 1: 1}, err2, {0: "A", 1: "B"}, budget_s=30, need=5.0)
+    assert found.positions == {0: 1, 1: 0} and found.error_after == pytest.approx(math.sqrt(0.01))
+
+
+@pytest.mark.parametrize("measured, expected", [(1.25, 1.0), (1.30, 1.0), (1.5, None)])
+def test_the_search_gives_back_only_the_speed_measured_beyond_the_target_and_its_margin(measured, expected):
+    plan = budget.Plan(b"", [], "cpu", 10.0, 0, True, [], {}, [])
+    best = budget.Allocation({}, 0.0, 0.0, 0.0, 0, measured_speedup=measured)
+    need = budget._search_need(plan, best, {0: _hull((4.0, 0.01))}, {0: 1}, target_speedup=1.3)
+    if expected is not None:
+        assert need == pytest.approx(4.0 * expected)
+    else:  # 1.5x measured: the saving that reaches 1.3x x 1.01 is (1 - 1/1.313) / (1 - 1/1.5) of it
+        assert need == pytest.approx(4.0 * (1 - 1 / (1.3 * (1 + budget.SEARCH_MARGIN))) / (1 - 1 / 1.5))
+        assert need < 4.0

@@ -82,8 +82,10 @@ def scorer(plan):
     return err2
 
 
-def improve(hulls: dict, positions: dict, err2, names: dict, budget_s: float = SEARCH_BUDGET_S) -> SearchResult:
-    """Swap steps between layers while the measured error drops, keeping the saving.
+def improve(hulls: dict, positions: dict, err2, names: dict, budget_s: float = SEARCH_BUDGET_S,
+            need: float | None = None) -> SearchResult:
+    """Swap steps between layers while the measured error drops, keeping a saving of at least
+    ``need`` (default: the saving of ``positions``; with less, steps may also go back alone).
 
     ``hulls``: layer index -> [(saving, damage, candidate), ...] (cumulative, along the layer's
     lower convex hull, as the greedy takes them); ``positions``: layer index -> steps taken;
@@ -101,7 +103,7 @@ def improve(hulls: dict, positions: dict, err2, names: dict, budget_s: float = S
         s0, d0 = (hulls[i][k - 2][0], hulls[i][k - 2][1]) if k > 1 else (0.0, 0.0)
         return hulls[i][k - 1][0] - s0, hulls[i][k - 1][1] - d0
 
-    need = saving(pos)
+    need = saving(pos) if need is None else need
     t0 = time.perf_counter()
     error = err2(choice(pos))
     eval_s = max(time.perf_counter() - t0, 1e-6)
