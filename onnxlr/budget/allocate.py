@@ -47,6 +47,11 @@ model within E.
    ``alpha`` is recalibrated and the allocation redone, at most :data:`MAX_ROUNDS` rounds; of the
    allocations measured at or above the target, the one with the least output error is returned.
    For ``max_error`` the error scale is recalibrated the same way.
+   **Search** (with calibration data, speed and MACs goals): the allocation the checks accepted is
+   improved by swaps of steps between layers, each measured on the whole model
+   (:mod:`onnxlr.budget.search`), keeping its predicted saving, or, where its check measured more
+   than the target x (1 + :data:`SEARCH_MARGIN`), the saving that check says that needs; the
+   searched allocation replaces it only when its own check meets the goal with less error.
 7. **Final re-time.** The model returned is timed once more against the original, interleaved
    (:data:`FINAL_BUDGET_S`): its median ratio with the p10-p90 spread is the measured speedup the
    report states. Every timing records its conditions and is re-measured once when the machine
@@ -719,7 +724,7 @@ def _searched(plan: Plan, best: Allocation, target_speedup: float | None, search
     if not result.swaps:
         best.search = {**record, "kept": "no swap taken"}
         return best
-    # the search keeps the predicted saving, but a swap's real saving in the model can be smaller
+    # the search keeps a predicted saving, but a swap's real saving in the model can be smaller
     # than its one-node timings say: when the last allocation misses the goal in its own check,
     # the ones before it (fewer swaps) are checked, at most SEARCH_CHECKS in all
     misses = []

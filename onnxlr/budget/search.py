@@ -9,8 +9,8 @@ samples:
 * back: one chosen layer one step back along its hull (less compression), b_i = the error^2 saved;
 * forward: one layer one step further, c_j = the error^2 added.
 
-A swap (i back, j forward) that keeps at least the allocation's saving (ms, or MACs) is estimated
-at c_j - b_i; the :data:`TOP_SWAPS` best estimates are built and measured, and the best one that
+A swap (i back, j forward) that keeps at least the saving asked for (ms, or MACs: the allocation's
+own by default; with less, one step back alone is a move too) is estimated at c_j - b_i; the :data:`TOP_SWAPS` best estimates are built and measured, and the best one that
 lowers the model's error is taken. Then the moves of the two layers it changed are measured again
 (the others are kept: one step elsewhere changes them little), and so on until no measured swap
 helps, :data:`MAX_SWAPS` were taken, or the time (:data:`SEARCH_BUDGET_S`, ``--search-time``) is
