@@ -184,6 +184,8 @@ def _add_quantize_options(p) -> None:
 
 def _add_budget_options(p, goals: bool = True) -> None:
     """Budgeted allocation (onnxlr.budget): per-layer method and rank chosen to meet one goal."""
+    from onnxlr.budget.damage import ESTIMATORS
+
     if goals:
         p.add_argument("--target-speedup", type=float, default=None, metavar="X",
                        help="choose per-layer methods/ranks so the model runs X times faster (measured on "
@@ -198,7 +200,7 @@ def _add_budget_options(p, goals: bool = True) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="intra-op threads the model will run with: every timing of the plan uses them "
                         "(default: $ONNXLR_BENCH_THREADS or the number of cores)")
-    p.add_argument("--damage", choices=("auto", "full", "sensitivity", "shipped"), default="auto",
+    p.add_argument("--damage", choices=ESTIMATORS, default="auto",
                    help="with --calib, how a candidate's damage is found: full (one model pass per "
                         "candidate), sensitivity (its layer-output error times the layer's sensitivity, "
                         "one pass per layer), auto (full when it fits the time, the default), shipped "

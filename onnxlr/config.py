@@ -146,8 +146,10 @@ def check_budget(config: CompressConfig) -> None:
         raise OnnxlrError(f"--target-macs must be a fraction in (0, 1), got {config.target_macs}")
     if config.max_error is not None and not float(config.max_error) > 0:
         raise OnnxlrError(f"--max-error must be a number > 0, got {config.max_error}")
-    if config.damage not in ("auto", "full", "sensitivity", "shipped"):
-        raise OnnxlrError(f"unknown --damage {config.damage!r}: choose one of auto, full, sensitivity, shipped")
+    from onnxlr.budget.damage import ESTIMATORS
+
+    if config.damage not in ESTIMATORS:
+        raise OnnxlrError(f"unknown --damage {config.damage!r}: choose one of {', '.join(ESTIMATORS)}")
     if config.damage == "shipped" and config.quantize is None:
         raise OnnxlrError("--damage shipped measures each candidate on the int8 model compress writes: "
                           "it needs --quantize int8")

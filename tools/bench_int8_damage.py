@@ -4,7 +4,7 @@ An int8 budget (``--quantize int8``) scores each candidate by one full pass with
 chain balanced and its weights rounded as onnxruntime rounds them, activations in float
 (:func:`onnxlr.budget.damage.int8_weights`). This tool builds that plan for a real model, then for
 every K-th candidate quantizes the model with only that layer factorized exactly as compress ships
-it (:func:`onnxlr.budget.allocate.build_shipped`) and measures its squared output error on the
+it (:func:`onnxlr.budget.outputs.build_shipped`) and measures its squared output error on the
 plan's check samples, minus the int8 original's (``plan.base_damage``). Prints one line per
 candidate and the Spearman correlation; writes ``<out>/int8_damage_<model>.json``.
 

@@ -571,15 +571,8 @@ def allocate(plan: Plan, *, target_speedup: float | None = None, target_macs: fl
     choice: dict = {}
     damage = 0.0
 
-    def state():
-        saved_ms = sum(lp_by[i].ms - c.ms for i, c in choice.items())
-        ms = plan.model_ms - plan.alpha * saved_ms
-        macs = plan.total_macs - sum(lp_by[i].macs - c.macs for i, c in choice.items()
-                                     if lp_by[i].macs is not None and c.macs is not None)
-        return ms, macs
-
     def done():
-        ms, macs = state()
+        ms, macs = _predicted(plan, lp_by, choice)
         if target_speedup is not None:
             return plan.fp32_ms / ms >= target_speedup
         if by_macs:
@@ -600,12 +593,17 @@ def allocate(plan: Plan, *, target_speedup: float | None = None, target_macs: fl
     return _allocation(plan, choice, reached=done() or max_error is not None)
 
 
-def _allocation(plan: Plan, choice: dict, reached: bool = True) -> Allocation:
-    """``choice`` with its predicted time, speedup, error and MACs."""
-    lp_by = {lp.index: lp for lp in plan.layers}
+def _predicted(plan: Plan, lp_by: dict, choice: dict) -> tuple[float, int]:
+    """(predicted ms, MACs) of ``choice``; ``lp_by``: layer index -> LayerPlan."""
     ms = plan.model_ms - plan.alpha * sum(lp_by[i].ms - c.ms for i, c in choice.items())
     macs = plan.total_macs - sum(lp_by[i].macs - c.macs for i, c in choice.items()
                                  if lp_by[i].macs is not None and c.macs is not None)
+    return ms, macs
+
+
+def _allocation(plan: Plan, choice: dict, reached: bool = True) -> Allocation:
+    """``choice`` with its predicted time, speedup, error and MACs."""
+    ms, macs = _predicted(plan, {lp.index: lp for lp in plan.layers}, choice)
     damage = sum(c.damage for c in choice.values())
     # a shipped-int8 damage can be negative (a factorized layer that makes the int8 model more accurate)
     predicted = math.sqrt(max(plan.base_damage + damage, 0.0)) * plan.error_scale
@@ -631,19 +629,9 @@ def solve(plan: Plan, *, target_speedup=None, target_macs=None, max_error=None, 
         alloc = allocate(plan, target_speedup=target_speedup, target_macs=target_macs, max_error=max_error)
         if not check:
             return alloc
-        model = build_shipped(plan, alloc.choice)
-        alloc.timing = measure_timed(plan, model)
-        speedup = alloc.timing["speedup"]
-        error = output_error(plan.reference_outputs, scored_outputs(plan, model, plan.check_feeds))
-        del model
-        alloc.measured_speedup, alloc.measured_error = speedup, error
+        history.append(_check(plan, alloc, r + 1))
+        speedup, error = alloc.measured_speedup, alloc.measured_error
         progress.update(r + 1, f"round {r + 1}: {speedup:.2f}x")
-        cond = alloc.timing["conditions"]
-        history.append({"round": r + 1, "alpha": plan.alpha, "error_scale": plan.error_scale,
-                        "layers": len(alloc.choice), "predicted_speedup": alloc.predicted_speedup,
-                        "measured_speedup": speedup, "p10": alloc.timing["p10"], "p90": alloc.timing["p90"],
-                        "contended": cond["contended"], "remeasured": cond["remeasured"],
-                        "predicted_error": alloc.predicted_error, "measured_error": error})
         log.info("budget round %d: %d layers, predicted %.3fx measured %.3fx, error %.4g (predicted %.4g)",
                  r + 1, len(alloc.choice), alloc.predicted_speedup, speedup, error, alloc.predicted_error)
         if target_macs is not None:  # MACs are exact: nothing to recalibrate
@@ -690,6 +678,21 @@ def solve(plan: Plan, *, target_speedup=None, target_macs=None, max_error=None, 
     return best
 
 
+def _check(plan: Plan, alloc: Allocation, label) -> dict:
+    """Build the model ``alloc`` ships, time it against the original and measure its output
+    error (set on ``alloc``); returns the round's record for the report."""
+    model = build_shipped(plan, alloc.choice)
+    alloc.timing = measure_timed(plan, model)
+    alloc.measured_speedup = alloc.timing["speedup"]
+    alloc.measured_error = output_error(plan.reference_outputs, scored_outputs(plan, model, plan.check_feeds))
+    cond = alloc.timing["conditions"]
+    return {"round": label, "alpha": plan.alpha, "error_scale": plan.error_scale, "layers": len(alloc.choice),
+            "predicted_speedup": alloc.predicted_speedup, "measured_speedup": alloc.measured_speedup,
+            "p10": alloc.timing["p10"], "p90": alloc.timing["p90"], "contended": cond["contended"],
+            "remeasured": cond["remeasured"], "predicted_error": alloc.predicted_error,
+            "measured_error": alloc.measured_error}
+
+
 def _search_need(plan: Plan, best: Allocation, hulls: dict, positions: dict, target_speedup: float | None) -> float:
     """The saving (in the hulls' units) the search must keep: ``best``'s, or, where ``best``
     measured faster than the target asks (by more than :data:`SEARCH_MARGIN`), the smaller saving
@@ -731,17 +734,7 @@ def _searched(plan: Plan, best: Allocation, target_speedup: float | None, search
     for step, positions in list(enumerate(result.path, 1))[::-1][:SEARCH_CHECKS]:
         choice = {i: hulls[i][k - 1][2] for i, k in positions.items() if k > 0}
         found = _allocation(plan, choice)
-        model = build_shipped(plan, choice)
-        found.timing = measure_timed(plan, model)
-        found.measured_speedup = found.timing["speedup"]
-        found.measured_error = output_error(plan.reference_outputs, scored_outputs(plan, model, plan.check_feeds))
-        del model
-        history.append({"round": f"search ({step} swaps)", "alpha": plan.alpha, "error_scale": plan.error_scale,
-                        "layers": len(choice), "predicted_speedup": found.predicted_speedup,
-                        "measured_speedup": found.measured_speedup, "p10": found.timing["p10"],
-                        "p90": found.timing["p90"], "contended": found.timing["conditions"]["contended"],
-                        "remeasured": found.timing["conditions"]["remeasured"],
-                        "predicted_error": found.predicted_error, "measured_error": found.measured_error})
+        history.append(_check(plan, found, f"search ({step} swaps)"))
         log.info("budget search: %d swaps, error %.4g -> %.4g, measured %.3fx", step, best.measured_error,
                  found.measured_error, found.measured_speedup)
         if found.measured_error >= best.measured_error:
