@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from onnxlr.budget import allocate as budget
 from onnxlr.budget import search
+from onnxlr.budget.outputs import output_error, sample_errors2
 from onnxlr.cli import main
 from onnxlr.pipeline import compress
 
@@ -100,6 +101,55 @@ def test_the_search_never_loses_saving_nor_adds_error(draw):
     assert found.path[-1] == found.positions if found.path else found.positions == start
     errors = [err2({i: hulls[i][k - 1][2] for i, k in p.items() if k > 0}) for p in [start, *found.path]]
     assert errors == sorted(errors, reverse=True)  # every swap taken lowered the measured error
+
+
+def _per_sample(err2, noise, samples=32, seed=0):
+    """err2 split over ``samples`` samples: each choice's error^2 spread over the samples with
+    zero-sum noise of relative size ``noise`` that depends on the choice (the samples' noise)."""
+    def parts(choice):
+        rng = np.random.default_rng([seed, *sorted(choice)])
+        total = err2(choice)
+        jitter = rng.standard_normal(samples)
+        return total / samples * (1 + noise * (jitter - jitter.mean()))
+    return parts
+
+
+def _two_layer_case():
+    """A chosen; B saves the same for a little less damage: swapping A for B lowers error^2 by 2%."""
+    hulls = {0: _hull((5.0, 0.050)), 1: _hull((5.0, 0.049))}
+    return hulls, {0: 1, 1: 0}, _interacting(hulls, {})
+
+
+def test_a_swap_is_taken_when_every_sample_agrees_it_helps():
+    hulls, start, err2 = _two_layer_case()
+    found = search.improve(hulls, start, _per_sample(err2, noise=0.0), {0: "A", 1: "B"}, budget_s=30)
+    assert found.positions == {0: 0, 1: 1} and len(found.swaps) == 1
+
+
+def test_a_swap_whose_gain_is_within_the_samples_noise_is_not_taken():
+    """The same 2% drop, but the per-sample errors of the two allocations differ by far more than
+    that from sample to sample: the drop is not told apart from noise, the allocation stays."""
+    hulls, start, err2 = _two_layer_case()
+    found = search.improve(hulls, start, _per_sample(err2, noise=0.5), {0: "A", 1: "B"}, budget_s=30)
+    assert found.positions == start and not found.swaps
+    assert found.stopped == "no measured swap lowers the error"
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 6), st.sampled_from([(1, 4, 3), (7, 2), (12,), (6, 1, 2, 2)]), st.data())
+def test_per_sample_errors_add_up_to_the_output_error(samples, outputs, tail, draw):
+    rng = np.random.default_rng(draw.draw(st.integers(0, 2**31), label="seed"))
+    ref = [rng.standard_normal((samples, *tail)).astype(np.float32) for _ in range(outputs)]
+    cand = [r + draw.draw(st.floats(0.0, 1.0), label="noise") * rng.standard_normal(r.shape).astype(np.float32)
+            for r in ref]
+    ref.append(np.arange(samples, dtype=np.int64))  # integer outputs are not errors
+    cand.append(np.zeros(samples, dtype=np.int64))
+    parts = sample_errors2(ref, cand, samples)
+    assert parts.shape == (samples,) and np.all(parts >= 0)
+    assert parts.sum() == pytest.approx(output_error(ref, cand) ** 2, rel=1e-9, abs=1e-15)
+    # a sample's part is that sample's own squared difference
+    first = sum(float(np.sum((r[0].astype(np.float64) - c[0]) ** 2)) for r, c in zip(ref[:-1], cand[:-1]))
+    assert parts[0] == pytest.approx(first / sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref[:-1]))
 
 
 def _calibrated(tmp_path, model):

@@ -119,7 +119,10 @@ PREDICTION_TOLERANCE = 0.15  # a final check within 15% of the prediction ends t
 MODEL_BUDGET_S = 5.0  # seconds of interleaved timing per end-to-end check
 FINAL_BUDGET_S = 8.0  # seconds of the final interleaved re-time
 SEARCH_CHECKS = 3  # searched allocations checked at most (the last, then those with fewer swaps)
-SEARCH_MARGIN = 0.01  # the search may give back speed the check measured beyond target x (1 + this)
+# the search may give back speed the check measured beyond target x (1 + this): 2%, as the same
+# model's re-times differ from run to run by that much (with 1%, the frontier points of 2026-11-28
+# re-timed 0-3% under their targets)
+SEARCH_MARGIN = 0.02
 MIN_CHECK_RUNS = 20  # interleaved rounds of an end-to-end check at least, unless the model is slow:
 SLOW_CHECK_RUNS = 5  # then about the budget's seconds, at least this many
 

@@ -83,6 +83,24 @@ def output_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> fl
     return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
 
 
+def sample_errors2(reference: list[np.ndarray], candidate: list[np.ndarray], samples: int) -> np.ndarray:
+    """``output_error(reference, candidate) ** 2`` split into ``samples`` parts (their sum), one per
+    sample where the outputs' first axis is the samples (else contiguous chunks of equal size):
+    what a paired comparison of two candidates on the same samples needs."""
+    num, den = np.zeros(samples), 0.0
+    for a, b in zip(reference, candidate):
+        if not np.issubdtype(a.dtype, np.floating):
+            continue
+        diff2 = (a.astype(np.float64) - b.astype(np.float64)) ** 2
+        parts = diff2.reshape(samples, -1) if diff2.ndim and diff2.shape[0] == samples else \
+            np.array_split(diff2.ravel(), samples)
+        num += np.array([float(np.sum(x)) for x in parts])
+        den += float(np.sum(a.astype(np.float64) ** 2))
+    if den > 0:
+        return num / den
+    return np.where(num == 0, 0.0, np.inf)
+
+
 def build_model(plan, choice: dict) -> onnx.ModelProto:
     """The prepared model with the chosen layers replaced."""
     model = onnx.load_from_string(plan.base)
