@@ -8,6 +8,11 @@ interleaved run together with the original and today's budget points as the budg
 same way (``compress`` also fits on the samples the budget holds out), so the comparison of the
 two rebuilds is one of the planners' choices alone, at the same timing conditions.
 
+A metric difference of a point or less is within what the evaluation sets can tell apart (300
+crops: one crop is 0.33 points), so each difference comes with its paired bootstrap interval: the
+same resampled evaluation samples for both models (``tools.real_models.tasks.sample_parts``),
+:data:`RESAMPLES` times, the 5th-95th percentiles of the difference.
+
     git show eb19186:docs/budget/all-minilm-l6-v2.json > /tmp/old.json
     ONNXLR_BENCH_THREADS=1 python tools/compare_frontiers.py all-minilm-l6-v2 /tmp/old.json --out docs/budget/compare
 
@@ -23,6 +28,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +39,18 @@ from bench_budget import METRIC, REAL, real_callback, retime
 
 from onnxlr.config import load_rules
 from onnxlr.pipeline import compress_file
+from tools.real_models.tasks import sample_parts
+
+RESAMPLES = 2000
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, seed: int = 0) -> list[float]:
+    """5th-95th percentiles of metric(a) - metric(b) over samples resampled with replacement,
+    the same samples for both; ``a``, ``b``: [numerators, denominators] per sample."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.shape[1], (RESAMPLES, a.shape[1]))
+    diff = a[0][idx].sum(1) / a[1][idx].sum(1) - b[0][idx].sum(1) / b[1][idx].sum(1)
+    return [float(x) for x in np.percentile(diff, [5, 95])]
 
 
 def budget_points(result: dict) -> list[dict]:
@@ -95,13 +113,23 @@ def main(argv=None) -> int:
     metrics_then = [evaluate(onnx.load(str(path))) for path in rebuilt_then]
     metrics_now = [evaluate(onnx.load(str(path))) for path in rebuilt_now]
     written = [kept / f"point_{i + 1:02d}.onnx" for i in range(len(now))]
+    eval_set, key = METRIC[args.name]
+
+    def parts(path: Path) -> np.ndarray:
+        return sample_parts(args.name, path, REAL / args.name, eval_set)[key]
     timing = retime(kept / "point_00.onnx", written + rebuilt_now + rebuilt_then, REAL / args.name / "calib.npz",
                     args.runs, (0, 2) if args.name == "all-minilm-l6-v2" else (0, 100))
     speeds = timing.pop("points")
     k = len(now)
     rows = []
     for i, (q_now, q_then) in enumerate(zip(now, earlier)):
-        rows.append({"target": q_now["setting"],
+        then = parts(rebuilt_then[i])
+        # today's metric less the earlier choice's: each estimate with its paired 5-95% interval
+        diff = {"written": paired_interval(parts(written[i]), then),
+                "rebuilt": paired_interval(parts(rebuilt_now[i]), then),
+                "written_estimate": q_now["metric"] - metrics_then[i],
+                "rebuilt_estimate": metrics_now[i] - metrics_then[i]}
+        rows.append({"target": q_now["setting"], "difference": diff,
                      "today": {"bench": speeds[i], "metric": q_now["metric"], "output_error": q_now["error"]},
                      "today_rebuilt": {"bench": speeds[k + i], "metric": metrics_now[i]},
                      "earlier_rebuilt": {"bench": speeds[2 * k + i], "metric": metrics_then[i],
@@ -113,12 +141,17 @@ def main(argv=None) -> int:
     print(f"{args.name}: one interleaved run of {args.runs} rounds, load {timing['load_average']}, "
           f"original {timing['original_ms']:.2f} ms")
     print("| target | today, as written: re-timed (p10-p90), metric | today's choice rebuilt | earlier choice "
-          "rebuilt (metric in the earlier run) |")
-    print("|---|---|---|---|")
+          "rebuilt (metric in the earlier run) | today - earlier, as written (5-95%) | rebuilt (5-95%) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        a, c, b = r["today"], r["today_rebuilt"], r["earlier_rebuilt"]
-        print(f"| {r['target']:g}x | {_cell(a)} | {_cell(c)} | {_cell(b)} ({b['metric_then']:.4f}) |")
+        a, c, b, d = r["today"], r["today_rebuilt"], r["earlier_rebuilt"], r["difference"]
+        print(f"| {r['target']:g}x | {_cell(a)} | {_cell(c)} | {_cell(b)} ({b['metric_then']:.4f}) | "
+              f"{_diff(d['written_estimate'], d['written'])} | {_diff(d['rebuilt_estimate'], d['rebuilt'])} |")
     return 0
+
+
+def _diff(estimate: float, interval: list[float]) -> str:
+    return f"{estimate:+.4f} ({interval[0]:+.4f} to {interval[1]:+.4f})"
 
 
 def _cell(entry: dict) -> str:

@@ -42,9 +42,9 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from onnxlr.budget.damage import int8_weights
 import numpy as np
 
+from onnxlr.budget.damage import int8_weights
 from onnxlr.budget.outputs import build_model, build_shipped, sample_errors2, scored_outputs
 from onnxlr.report.progress import Progress
 

@@ -154,6 +154,19 @@ def score(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
     raise ValueError(f"unknown eval set {eval_set!r}; valid: eval_imagenet, eval_crops")
 
 
+def parts(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
+          meta: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Per sample: top-1 correct (eval_imagenet) or top-1 equal to the original's (eval_crops)."""
+    top1 = outputs[0].argmax(axis=1)
+    if eval_set == "eval_imagenet":
+        hit = top1 == gt["labels"]
+        return {"top1": np.stack([hit, np.ones_like(hit)]).astype(np.float64)}
+    if eval_set == "eval_crops":
+        hit = top1 == gt["ref_top1"]
+        return {"top1_agreement": np.stack([hit, np.ones_like(hit)]).astype(np.float64)}
+    raise ValueError(f"unknown eval set {eval_set!r}; valid: eval_imagenet, eval_crops")
+
+
 EVAL_SETS = ("eval_imagenet", "eval_crops")
 
 

@@ -184,6 +184,16 @@ def score(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
     return embedding_metrics(outputs[0], gt["ref_embedding"], gt["labels"])
 
 
+def parts(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
+          meta: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Per sentence: the cosine of its embedding to the original model's (mean_cosine)."""
+    if eval_set not in EVAL_SETS:
+        raise ValueError(f"unknown eval set {eval_set!r}; valid: {', '.join(EVAL_SETS)}")
+    e, r = (x.astype(np.float64) for x in (outputs[0], gt["ref_embedding"]))
+    cos = (e * r).sum(axis=1) / np.maximum(np.linalg.norm(e, axis=1) * np.linalg.norm(r, axis=1), 1e-24)
+    return {"mean_cosine": np.stack([cos, np.ones_like(cos)])}
+
+
 # ----------------------------------------------------------------------------- build
 def build(root: Path) -> Path:
     out = root / NAME

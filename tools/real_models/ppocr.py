@@ -191,6 +191,24 @@ def score(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
     return result
 
 
+def parts(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
+          meta: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Per line: characters read right (length less edit distance, of the length; the sums'
+    ratio is char_accuracy before its clip at 0) and whether the line was read exactly."""
+    if eval_set not in EVAL_SETS:
+        raise ValueError(f"unknown eval set {eval_set!r}; valid: {', '.join(EVAL_SETS)}")
+    meta = meta or {}
+    charset = charset_from_meta(meta if "character" in meta else {"character": str(gt["character"])})
+    out = outputs[0]
+    predicted = ctc_greedy(out.argmax(axis=-1) if out.ndim == 3 else out, charset)
+    texts = [str(t) for t in gt["texts"]]
+    length = np.array([len(t) for t in texts], dtype=np.float64)
+    dist = np.array([edit_distance(p, t) for p, t in zip(predicted, texts)], dtype=np.float64)
+    exact = np.array([p == t for p, t in zip(predicted, texts)], dtype=np.float64)
+    return {"char_accuracy": np.stack([length - dist, length]),
+            "line_accuracy": np.stack([exact, np.ones_like(exact)])}
+
+
 # ----------------------------------------------------------------------------- build
 def build(root: Path) -> Path:
     import onnx

@@ -7,6 +7,9 @@ Each model module (``effnet``, ``ppocr``, ``minilm``) exposes:
 - ``score(eval_set, outputs, gt, meta) -> dict``: the task metric(s) from the model's outputs
   (list of numpy arrays, onnxruntime order), the ground-truth arrays and the model's
   metadata_props (the OCR character set lives there);
+- ``parts(eval_set, outputs, gt, meta) -> {metric: array [2, n]}``: each sample's numerator and
+  denominator of its metrics (a metric is the ratio of their sums), for paired comparisons of two
+  models on the same samples (``sample_parts``, ``tools/compare_frontiers.py``);
 - optionally ``compact(outputs) -> outputs``: shrinks each batch's outputs before they are kept
   (``score`` accepts both forms).
 
@@ -33,6 +36,7 @@ __all__ = [
     "char_accuracy",
     "embedding_metrics",
     "evaluate",
+    "sample_parts",
     "score",
     "top1_agreement",
     "topk_accuracy",
@@ -61,15 +65,24 @@ def evaluate(model_name: str, onnx_path: str | Path, data_dir: str | Path,
     Returns ``{eval_set: {metric: value, ...}, ...}``.
     """
     mod = model_module(model_name)
+    return {eval_set: mod.score(eval_set, *_run(mod, onnx_path, data_dir, eval_set, batch_size))
+            for eval_set in mod.EVAL_SETS}
+
+
+def sample_parts(model_name: str, onnx_path: str | Path, data_dir: str | Path, eval_set: str,
+                 batch_size: int = 32) -> dict[str, np.ndarray]:
+    """``{metric: [numerators, denominators]}`` per sample of ``eval_set`` (see the module doc)."""
+    mod = model_module(model_name)
+    return mod.parts(eval_set, *_run(mod, onnx_path, data_dir, eval_set, batch_size))
+
+
+def _run(mod: ModuleType, onnx_path, data_dir, eval_set: str, batch_size: int) -> tuple:
+    """(outputs, ground truth, metadata) of one evaluation set."""
     data_dir = Path(data_dir)
     if not (data_dir / f"{mod.EVAL_SETS[0]}.npz").exists() and (data_dir / mod.NAME).is_dir():
         data_dir = data_dir / mod.NAME
     sess = common.session(Path(onnx_path))
     meta = dict(sess.get_modelmeta().custom_metadata_map)
-    results = {}
-    for eval_set in mod.EVAL_SETS:
-        inputs = common.load_npz(data_dir / f"{eval_set}.npz")
-        gt = common.load_npz(data_dir / f"{eval_set}_gt.npz")
-        outputs = common.run_batched(sess, inputs, batch_size, getattr(mod, "compact", None))
-        results[eval_set] = mod.score(eval_set, outputs, gt, meta)
-    return results
+    inputs = common.load_npz(data_dir / f"{eval_set}.npz")
+    gt = common.load_npz(data_dir / f"{eval_set}_gt.npz")
+    return common.run_batched(sess, inputs, batch_size, getattr(mod, "compact", None)), gt, meta

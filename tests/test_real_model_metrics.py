@@ -1,0 +1,80 @@
+"""The evaluation suite's per-sample metric parts (tools/real_models, used by
+tools/compare_frontiers.py for paired comparisons) add up to the metrics it reports."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.real_models import effnet, minilm, ppocr
+
+
+def _ratio(parts: np.ndarray) -> float:
+    return float(parts[0].sum() / parts[1].sum())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_classifier_parts_add_up_to_top1_and_agreement(seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((40, 7))
+    labels = rng.integers(0, 7, 40)
+    for eval_set, gt, key in (("eval_imagenet", {"labels": labels}, "top1"),
+                              ("eval_crops", {"ref_top1": labels}, "top1_agreement")):
+        parts = effnet.parts(eval_set, [logits], gt)[key]
+        assert parts.shape == (2, 40)
+        assert _ratio(parts) == pytest.approx(effnet.score(eval_set, [logits], gt)[key])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ocr_parts_add_up_to_character_and_line_accuracy(seed):
+    rng = np.random.default_rng(seed)
+    charset = "a\nb\nc"
+    indices = rng.integers(0, 5, (30, 12))  # blank, a, b, c, space
+    texts = np.array(["".join(rng.choice(list("abc "), rng.integers(1, 8))) for _ in range(30)])
+    gt = {"texts": texts, "character": np.array(charset)}
+    parts = ppocr.parts("eval", [indices], gt, {"character": charset})
+    score = ppocr.score("eval", [indices], gt, {"character": charset})
+    assert _ratio(parts["char_accuracy"]) == pytest.approx(1 - score["edit_distance"] / score["chars"])
+    assert _ratio(parts["line_accuracy"]) == pytest.approx(score["line_accuracy"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_embedding_parts_add_up_to_the_mean_cosine(seed):
+    rng = np.random.default_rng(seed)
+    ref = rng.standard_normal((25, 16))
+    emb = ref + rng.uniform(0, 2) * rng.standard_normal((25, 16))
+    gt = {"ref_embedding": ref, "labels": rng.integers(0, 3, 25)}
+    parts = minilm.parts("eval", [emb], gt)["mean_cosine"]
+    assert _ratio(parts) == pytest.approx(minilm.score("eval", [emb], gt)["mean_cosine"], rel=1e-12)
+
+
+def _compare_frontiers():
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    spec = importlib.util.spec_from_file_location("compare_frontiers", root / "tools" / "compare_frontiers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_paired_interval_of_a_difference_holds_it_and_is_zero_for_the_same_samples():
+    paired_interval = _compare_frontiers().paired_interval
+    rng = np.random.default_rng(0)
+    hits = (rng.random(300) < 0.7).astype(np.float64)
+    a = np.stack([hits, np.ones(300)])
+    assert paired_interval(a, a) == [0.0, 0.0]
+    b = a.copy()
+    b[0, np.flatnonzero(hits)[:6]] = 0  # b misses 6 of a's hits: a is 2 points better
+    low, high = paired_interval(a, b)
+    assert 0 < low <= 0.02 <= high
+    # unpaired noise of that size would not be told apart: the interval spans zero
+    c = np.stack([(rng.random(300) < 0.68).astype(np.float64), np.ones(300)])
+    low, high = paired_interval(a, c)
+    assert low < 0 < high
