@@ -309,11 +309,10 @@ def grouped(kernels: Sequence[np.ndarray]) -> np.ndarray:
 def steady_budget(monkeypatch) -> None:
     """A budget whose choice does not hang on timing noise: every candidate saves time, smaller
     ranks more, and the held-out check set of 40 calibration samples is 8 of them."""
-    from onnxlr.budget import allocate as budget
-    from onnxlr.budget import latency
+    from onnxlr.budget import latency, planning
 
-    monkeypatch.setattr(budget, "CHECK_SAMPLES", 32)
-    monkeypatch.setattr(budget, "MAX_LAYER_DAMAGE", 10.0)
+    monkeypatch.setattr(planning, "CHECK_SAMPLES", 32)
+    monkeypatch.setattr(planning, "MAX_LAYER_DAMAGE", 10.0)
 
     def time_layer(target, input_shape, shapes, candidates, *args, **kwargs):
         params = [sum(step.weight.size for step in c.steps) for c in candidates]

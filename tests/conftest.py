@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from onnxlr.budget import allocate as budget
-from onnxlr.budget import latency, search
+from onnxlr.budget import latency, planning, search
 
 
 @pytest.fixture
@@ -16,6 +16,6 @@ def fast_timing(monkeypatch):
     monkeypatch.setattr(latency, "WARMUP", 2)
     monkeypatch.setattr(budget, "MODEL_BUDGET_S", 0.3)
     monkeypatch.setattr(budget, "FINAL_BUDGET_S", 1.0)
-    monkeypatch.setattr(budget, "CHECK_SAMPLES", 4)
-    monkeypatch.setattr(budget, "DAMAGE_SAMPLES", 4)
+    monkeypatch.setattr(planning, "CHECK_SAMPLES", 4)
+    monkeypatch.setattr(planning, "DAMAGE_SAMPLES", 4)
     monkeypatch.setattr(search, "SEARCH_BUDGET_S", 5.0)

@@ -20,7 +20,7 @@ from builders import check_budget_wrote_what_it_measured, cnn_model, steady_budg
 
 from onnxlr import model as g
 from onnxlr.budget import allocate as budget
-from onnxlr.budget import damage, latency
+from onnxlr.budget import damage, latency, outputs, planning
 from onnxlr.budget.sweep import sweep
 from onnxlr.cli import main
 from onnxlr.layers import LinearStep
@@ -88,7 +88,7 @@ def test_an_int8_plan_measures_int8_models_and_reports_both_speedups(tmp_path, m
         damaged.extend(c.replacement for c in choice.values())
         return real_build(plan, choice)
 
-    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)  # every candidate is scored, fast or not
+    monkeypatch.setattr(planning, "MIN_GAIN", -100.0)  # every candidate is scored, fast or not
     monkeypatch.setattr(budget, "measure_timed", capture_measure)
     monkeypatch.setattr(damage, "build_model", capture_build)
     out, report = compress(model, target_speedup=1.5, calib=str(tmp_path / "calib.npz"), damage="full",
@@ -178,17 +178,17 @@ def test_an_int8_budget_scores_the_logits_of_a_softmax_output_after_quantization
         [onnx.numpy_helper.from_array(w1, "W1"), onnx.numpy_helper.from_array(w2, "W2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((40, 64)).astype(np.float32))
-    quantized = budget.quantize_built(model, QuantizeConfig(), str(tmp_path / "calib.npz"), None)
-    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
-    monkeypatch.setattr(budget, "MAX_LAYER_DAMAGE", 10.0)
+    quantized = outputs.quantize_built(model, QuantizeConfig(), str(tmp_path / "calib.npz"), None)
+    monkeypatch.setattr(planning, "MIN_GAIN", -100.0)
+    monkeypatch.setattr(planning, "MAX_LAYER_DAMAGE", 10.0)
     work = onnx.ModelProto.FromString(model.SerializeToString())
     config = CompressConfig(cache_dir=tmp_path, calib=str(tmp_path / "calib.npz"), quantize=QuantizeConfig())
-    plan = budget.build_plan(work, find_targets(work, g.infer_shapes(work)), config)
+    plan = planning.build_plan(work, find_targets(work, g.infer_shapes(work)), config)
     assert plan.logits == {"z": onnx.TensorProto.FLOAT}
-    (int8_logits,) = budget.scored_outputs(plan, quantized, plan.check_feeds)
+    (int8_logits,) = outputs.scored_outputs(plan, quantized, plan.check_feeds)
     assert int8_logits.shape == plan.reference_outputs[0].shape
     assert 0 < plan.base_damage < 0.1  # the int8 original's logits, not its probabilities
-    assert plan.base_damage == pytest.approx(budget.output_error(plan.reference_outputs, [int8_logits]) ** 2)
+    assert plan.base_damage == pytest.approx(outputs.output_error(plan.reference_outputs, [int8_logits]) ** 2)
 
 
 def test_shipped_damage_is_the_int8_models_error_less_the_int8_originals(tmp_path, monkeypatch):
@@ -199,20 +199,20 @@ def test_shipped_damage_is_the_int8_models_error_less_the_int8_originals(tmp_pat
 
     model = cnn_model(channels=(4, 32, 32), spatial=8)
     _calib(tmp_path, n=20, channels=4)
-    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    monkeypatch.setattr(planning, "MIN_GAIN", -100.0)
     work = onnx.ModelProto.FromString(model.SerializeToString())
     config = CompressConfig(cache_dir=tmp_path, calib=str(tmp_path / "calib.npz"), quantize=QuantizeConfig(),
                             damage="shipped")
-    plan = budget.build_plan(work, find_targets(work, g.infer_shapes(work)), config)
+    plan = planning.build_plan(work, find_targets(work, g.infer_shapes(work)), config)
     assert plan.damage["estimator"] == "shipped"
     assert plan.damage["int8_original_damage"] == pytest.approx(plan.base_damage)  # damage and check samples agree
     lp = next(lp for lp in plan.layers if lp.usable())
     cand = lp.usable()[0]
-    chosen = {lp.index: budget.Candidate(cand.method, cand.fraction, cand.ranks, balance_replacement(cand.replacement),
+    chosen = {lp.index: planning.Candidate(cand.method, cand.fraction, cand.ranks, balance_replacement(cand.replacement),
                                          cand.macs, cand.weight_error)}
-    shipped = budget.build_shipped(plan, chosen)
+    shipped = outputs.build_shipped(plan, chosen)
     assert _quantized(shipped)
-    error = budget.output_error(plan.reference_outputs, budget.scored_outputs(plan, shipped, plan.check_feeds))
+    error = outputs.output_error(plan.reference_outputs, outputs.scored_outputs(plan, shipped, plan.check_feeds))
     assert cand.damage == pytest.approx(error**2 - plan.base_damage, rel=1e-6, abs=1e-9)
     out, report = compress(model, target_speedup=1.2, calib=str(tmp_path / "calib.npz"), damage="shipped",
                            quantize=QuantizeConfig(), cache_dir=tmp_path)

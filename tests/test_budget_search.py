@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxlr.budget import allocate as budget
-from onnxlr.budget import search
+from onnxlr.budget import planning, search
 from onnxlr.budget.outputs import output_error, sample_errors2
 from onnxlr.cli import main
 from onnxlr.pipeline import compress
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("fast_timing")
 
 def _hull(*steps):
     """[(cumulative saving, cumulative damage, candidate)] with a labelled stand-in candidate."""
-    return [(s, d, budget.Candidate("svd", f, {"rank": 1}, None, None, 0.0, damage=d))
+    return [(s, d, planning.Candidate("svd", f, {"rank": 1}, None, None, 0.0, damage=d))
             for (s, d), f in zip(steps, (0.5, 0.25, 0.125))]
 
 
@@ -196,7 +196,7 @@ def test_with_less_saving_needed_a_step_goes_back_alone():
 
 @pytest.mark.parametrize("measured, expected", [(1.25, 1.0), (1.30, 1.0), (1.5, None)])
 def test_the_search_gives_back_only_the_speed_measured_beyond_the_target_and_its_margin(measured, expected):
-    plan = budget.Plan(b"", [], "cpu", 10.0, 0, True, [], {}, [])
+    plan = planning.Plan(b"", [], "cpu", 10.0, 0, True, [], {}, [])
     best = budget.Allocation({}, 0.0, 0.0, 0.0, 0, measured_speedup=measured)
     need = budget._search_need(plan, best, {0: _hull((4.0, 0.01))}, {0: 1}, target_speedup=1.3)
     if expected is not None:

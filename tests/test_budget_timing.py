@@ -14,7 +14,7 @@ from builders import cnn_model
 
 from onnxlr import runtime
 from onnxlr.budget import allocate as budget
-from onnxlr.budget import damage, timing
+from onnxlr.budget import damage, planning, timing
 from onnxlr.pipeline import CompressConfig, compress
 
 pytestmark = pytest.mark.usefixtures("fast_timing")
@@ -103,12 +103,12 @@ def _plan(tmp_path, **options):
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((20, 4, 8, 8)).astype(np.float32))
     work = onnx.ModelProto.FromString(model.SerializeToString())
     config = CompressConfig(cache_dir=tmp_path, calib=str(tmp_path / "calib.npz"), **options)
-    return budget.build_plan(work, find_targets(work, g.infer_shapes(work)), config)
+    return planning.build_plan(work, find_targets(work, g.infer_shapes(work)), config)
 
 
 @pytest.mark.parametrize("estimator", ["full", "sensitivity"])
 def test_damage_estimators_score_every_usable_candidate(tmp_path, monkeypatch, estimator):
-    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)  # score every candidate
+    monkeypatch.setattr(planning, "MIN_GAIN", -100.0)  # score every candidate
     plan = _plan(tmp_path, damage=estimator)
     assert plan.damage["estimator"] == estimator
     usable = [c for lp in plan.layers for c in lp.candidates if c.dropped is None or c.damage is not None]
@@ -123,7 +123,7 @@ def test_damage_estimators_score_every_usable_candidate(tmp_path, monkeypatch, e
 
 
 def test_plan_time_bound_falls_back_to_the_cheaper_estimator(tmp_path, monkeypatch):
-    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    monkeypatch.setattr(planning, "MIN_GAIN", -100.0)
     plan = _plan(tmp_path, damage="full", plan_time=1e-6)
     assert "full" not in plan.damage["layers"].values()
     assert plan.damage.get("switched")
@@ -134,7 +134,7 @@ def test_plan_time_bound_holds_the_refinement_too(tmp_path, monkeypatch):
     """When refining a layer's candidates would pass --plan-time, that layer and the rest keep
     their data-free factors, scored by their weight error: the phase ends near the bound instead
     of refining everything first. Through the API, the report says so and the model is written."""
-    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    monkeypatch.setattr(planning, "MIN_GAIN", -100.0)
     plan = _plan(tmp_path, damage="sensitivity", plan_time=1e-6)
     scored = [lp for lp in plan.layers if lp.name in plan.damage["layers"]]
     assert len(scored) >= 2
@@ -154,7 +154,7 @@ def test_plan_time_bound_holds_the_refinement_too(tmp_path, monkeypatch):
 
 
 def test_auto_uses_full_passes_when_they_fit(tmp_path, monkeypatch):
-    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    monkeypatch.setattr(planning, "MIN_GAIN", -100.0)
     monkeypatch.setattr(damage, "FULL_PASS_BUDGET_S", 1e6)
     assert _plan(tmp_path).damage["estimator"] == "full"
     monkeypatch.setattr(damage, "FULL_PASS_BUDGET_S", 0.0)
@@ -171,7 +171,7 @@ def test_auto_runs_full_passes_on_fewer_samples_before_it_turns_to_the_sensitivi
 
 
 def test_auto_full_passes_on_fewer_samples_score_every_candidate(tmp_path, monkeypatch):
-    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    monkeypatch.setattr(planning, "MIN_GAIN", -100.0)
     monkeypatch.setattr(damage, "auto_estimator", lambda left, full_s, n: ("full", n // 2))
     plan = _plan(tmp_path)
     assert plan.damage["estimator"] == "full" and plan.damage["full_samples"] == plan.damage["samples"] // 2
@@ -179,7 +179,7 @@ def test_auto_full_passes_on_fewer_samples_score_every_candidate(tmp_path, monke
 
 
 def test_without_a_bound_the_sensitivity_passes_keep_to_the_default_budget_on_fewer_samples(tmp_path, monkeypatch):
-    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    monkeypatch.setattr(planning, "MIN_GAIN", -100.0)
     plan = _plan(tmp_path, damage="sensitivity")
     assert "sensitivity_samples" not in plan.damage  # its passes fit: every damage sample
     monkeypatch.setattr(damage, "FULL_PASS_BUDGET_S", 1e-6)
@@ -205,7 +205,7 @@ def test_the_plan_time_bound_does_not_count_the_one_off_calibration_pass_as_a_pe
         return plan_for(self, target)
 
     monkeypatch.setattr(Calibrator, "plan_for", slow_first)
-    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)
+    monkeypatch.setattr(planning, "MIN_GAIN", -100.0)
     plan = _plan(tmp_path, damage="sensitivity", plan_time=5.0)
     assert plan.damage["calibration_pass_s"] >= 3.0
     assert "switched" not in plan.damage and plan.damage["estimator"] == "sensitivity"

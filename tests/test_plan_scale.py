@@ -11,8 +11,7 @@ import pytest
 from builders import cnn_model, conv_model, gemm_model
 
 from onnxlr import model as g
-from onnxlr.budget import allocate as budget
-from onnxlr.budget import latency
+from onnxlr.budget import latency, planning
 from onnxlr.model.opset import default_opset
 from onnxlr.model.targets import find_targets
 from onnxlr.pipeline import CompressConfig
@@ -40,11 +39,11 @@ def test_a_big_conv_is_timed_at_a_bounded_size_of_the_same_channels_aspect_and_w
 
 def test_plan_times_candidates_at_the_bounded_size_and_the_layer_at_its_real_shape(tmp_path, monkeypatch):
     monkeypatch.setattr(latency, "MAX_TIMING_AREA", 16)  # the 8x8 convs are timed at 4x4
-    monkeypatch.setattr(budget, "MIN_GAIN", -100.0)  # keep every candidate
+    monkeypatch.setattr(planning, "MIN_GAIN", -100.0)  # keep every candidate
     model = cnn_model(channels=(4, 32, 32), spatial=8, classes=10)
     work = onnx.ModelProto.FromString(model.SerializeToString())
     targets = find_targets(work, g.infer_shapes(work))
-    plan = budget.build_plan(work, targets, CompressConfig(), cache_dir=tmp_path)
+    plan = planning.build_plan(work, targets, CompressConfig(), cache_dir=tmp_path)
     bounded = plan.timings["bounded_layers"]
     convs = [lp for lp in plan.layers if lp.op_type == "Conv" and lp.ms is not None]
     assert convs and {lp.name for lp in convs} <= set(bounded)

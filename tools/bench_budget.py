@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     p.add_argument("--uniform", default="0.25,0.375,0.5,0.625,0.75")
     p.add_argument("--out", type=Path, default=Path("bench/budget"))
     p.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument("--fractions", default=None, help="budget candidate grid (default: onnxlr.budget.FRACTIONS)")
+    p.add_argument("--fractions", default=None, help="budget candidate grid (default: onnxlr.planning.FRACTIONS)")
     p.add_argument("--keep", type=Path, default=None, help="where the points' models go (default .cache/budget/<tag>)")
     p.add_argument("--runs", type=int, default=100, help="interleaved rounds of the re-timing (0: none)")
     p.add_argument("--int-range", default=None,
@@ -267,9 +267,9 @@ def main(argv=None) -> int:
         print(md)
         return 0
     if args.fractions:
-        from onnxlr.budget import allocate as budget
+        from onnxlr.budget import planning
 
-        budget.FRACTIONS = parse_floats(args.fractions, "--fractions")
+        planning.FRACTIONS = parse_floats(args.fractions, "--fractions")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     records: list = []
     if args.name == "digits":

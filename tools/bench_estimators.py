@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnxlr import model as g
 from onnxlr.budget import allocate as budget
-from onnxlr.budget import damage
+from onnxlr.budget import damage, planning
 from onnxlr.config import CompressConfig, apply_filters
 from onnxlr.model.targets import find_targets
 from onnxlr.report.compress import CompressReport
@@ -57,7 +57,7 @@ def make_plan(model_path: Path, config: CompressConfig):
     found = find_targets(work, g.infer_shapes(work))
     apply_filters(found, config, CompressReport())
     t0 = time.perf_counter()
-    plan = budget.build_plan(work, found, config, cache_dir=config.cache_dir)
+    plan = planning.build_plan(work, found, config, cache_dir=config.cache_dir)
     return plan, time.perf_counter() - t0
 
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnxlr import model as g
-from onnxlr.budget import allocate as budget
+from onnxlr.budget import outputs, planning
 from onnxlr.budget.outputs import output_error, scored_outputs
 from onnxlr.config import CompressConfig
 from onnxlr.pipeline import prepare_targets
@@ -50,14 +50,14 @@ def main(argv=None) -> int:
     g.fold_constant_weights(work)
     found = prepare_targets(work, config, CompressReport())  # as compress plans it
     started = time.perf_counter()
-    plan = budget.build_plan(work, found, config)
+    plan = planning.build_plan(work, found, config)
     plan_s = time.perf_counter() - started
     print(f"{args.name}: plan {plan_s:.0f} s, damage by {plan.damage.get('estimator')}, "
           f"int8 original's output error {math.sqrt(plan.base_damage):.4f}")
     picked = [(lp, c) for lp in plan.layers for c in lp.usable()][:: args.every]
     rows = []
     for lp, c in picked:
-        shipped = budget.build_shipped(plan, {lp.index: c})
+        shipped = outputs.build_shipped(plan, {lp.index: c})
         error = output_error(plan.reference_outputs, scored_outputs(plan, shipped, plan.check_feeds))
         rows.append({"layer": lp.name, "candidate": c.label(), "simulated": c.damage,
                      "shipped": error**2, "shipped_minus_original": error**2 - plan.base_damage})

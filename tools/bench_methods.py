@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from onnxlr import data, methods
 from onnxlr import model as g
 from onnxlr.budget import latency
-from onnxlr.budget.allocate import run_outputs
+from onnxlr.budget.outputs import run_outputs
 from onnxlr.errors import OnnxlrError
 from onnxlr.layers import chain_conv_macs, conv_macs
 from onnxlr.methods.linalg import single_threaded_blas

@@ -12,7 +12,7 @@ same way, one point per fraction, so both frontiers come from one set of measure
 higher is better) called on the original and on every point's model.
 
 With ``quantize`` (a QuantizeConfig, as compress --quantize) the plan is made for int8 and every
-point's model is the int8 model compress would write (:func:`onnxlr.budget.allocate.build_shipped`),
+point's model is the int8 model compress would write (:func:`onnxlr.budget.outputs.build_shipped`),
 measured against the fp32 original; the uniform points are quantized the same way, and one more
 point, kind ``original``, is the int8 original (no layer factorized).
 """
@@ -30,6 +30,7 @@ import onnx
 
 from onnxlr import model as g
 from onnxlr.budget import allocate as budget
+from onnxlr.budget import outputs, planning
 from onnxlr.config import CompressConfig, apply_filters
 from onnxlr.errors import OnnxlrError
 from onnxlr.model.targets import find_targets
@@ -172,14 +173,14 @@ def sweep(
     g.fold_constant_weights(work)
     found = find_targets(work, g.infer_shapes(work))
     apply_filters(found, config, CompressReport())
-    plan = budget.build_plan(work, found, config, extra_fractions=tuple(uniform), cache_dir=config.cache_dir)
+    plan = planning.build_plan(work, found, config, extra_fractions=tuple(uniform), cache_dir=config.cache_dir)
     del work, found
     baseline_metric = evaluate(onnx.load_from_string(plan.base)) if evaluate else None
     points: list[SweepPoint] = []
 
     def point(kind, setting, choice, alloc=None) -> SweepPoint:
         t0 = time.perf_counter()
-        built = budget.build_shipped(plan, choice)
+        built = outputs.build_shipped(plan, choice)
         if alloc is not None and alloc.measured_speedup is not None:
             speedup, error = alloc.measured_speedup, alloc.measured_error
         else:
@@ -221,7 +222,7 @@ def sweep(
                        plan.precision)
 
 
-def _uniform_candidate(lp: budget.LayerPlan, fraction: float):
+def _uniform_candidate(lp: planning.LayerPlan, fraction: float):
     """The layer's ``method=auto`` candidate at ``fraction`` (as ``compress --rank F`` would make
     it: only dropped when it does not reduce MACs)."""
     auto = "tucker" if any(c.method == "tucker" for c in lp.candidates) else "svd"
