@@ -29,6 +29,10 @@ from onnxlr.model.opset import runtime_max_opset
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
 SEED = 1234
+#: Kills land at random moments: each test makes its trials, then more (up to this many) until
+#: the outcome it asserts on (a kill while writing, an interrupted run) has happened at least once,
+#: so a busy machine that finishes a run before the kill lands does not fail the test.
+MAX_TRIALS = 24
 
 
 def _model() -> onnx.ModelProto:
@@ -159,7 +163,9 @@ def test_sigkill_at_random_moments(setup, mode):
     flags, elapsed, reference = results[mode]
     rng = np.random.default_rng(SEED)
     outcomes, mid_write = [], 0
-    for trial in range(8):
+    for trial in range(MAX_TRIALS):
+        if trial >= 8 and mid_write and "absent" in outcomes:
+            break
         out = d / f"kill_{mode}.onnx"
         argv = ["compress", str(src), "-o", str(out), "--rank", "1.0", "--force", "--round-to", "1", *flags]
         pid = _child(argv, d / "kill.err")
@@ -189,7 +195,9 @@ def test_sigterm_is_clean(setup, mode):
     flags, elapsed, reference = results[mode]
     rng = np.random.default_rng(SEED + 1)
     codes, mid_write = [], 0
-    for trial in range(6):
+    for trial in range(MAX_TRIALS):
+        if trial >= 6 and mid_write and 128 + signal.SIGTERM in codes:
+            break
         out = d / f"term_{mode}.onnx"
         err = d / "term.err"
         argv = ["compress", str(src), "-o", str(out), "--rank", "1.0", "--force", "--round-to", "1", *flags]

@@ -83,7 +83,7 @@ def scorer(plan):
     is the error^2), at the precision its damages were measured at."""
     shipped = plan.quantize is not None and "shipped" in str(plan.damage.get("estimator", ""))
 
-    def err2(choice: dict) -> float:
+    def err2(choice: dict) -> np.ndarray:
         if shipped:
             model = build_shipped(plan, choice)
         else:
@@ -113,7 +113,8 @@ def improve(hulls: dict, positions: dict, err2, names: dict, budget_s: float = S
     ``hulls``: layer index -> [(saving, damage, candidate), ...] (cumulative, along the layer's
     lower convex hull, as the greedy takes them); ``positions``: layer index -> steps taken;
     ``err2``: choice -> squared output error, or its per-sample parts (then a swap must lower it
-    by :data:`MIN_DROP_SE` standard errors, see :func:`lower`); ``names``: layer index -> name (for the record)."""
+    by :data:`MIN_DROP_SE` standard errors, see :func:`lower`); ``names``: layer index -> name
+    (for the record)."""
     started = time.perf_counter()
     pos = dict(positions)
 
