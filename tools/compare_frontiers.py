@@ -11,7 +11,10 @@ two rebuilds is one of the planners' choices alone, at the same timing condition
 A metric difference of a point or less is within what the evaluation sets can tell apart (300
 crops: one crop is 0.33 points), so each difference comes with its paired bootstrap interval: the
 same resampled evaluation samples for both models (``tools.real_models.tasks.sample_parts``),
-:data:`RESAMPLES` times, the 5th-95th percentiles of the difference.
+:data:`RESAMPLES` times, the 5th-95th percentiles of the difference. Both rebuilds' output errors
+(of the logits, for a Softmax output) are measured too, on the planner's 32 check samples and on
+the calibration samples from :data:`UNSEEN_FROM` on, which neither the rebuilds' calibration (the
+first 64) nor the checks use: the error the planner minimizes, against the task metric.
 
     git show eb19186:docs/budget/all-minilm-l6-v2.json > /tmp/old.json
     ONNXLR_BENCH_THREADS=1 python tools/compare_frontiers.py all-minilm-l6-v2 /tmp/old.json --out docs/budget/compare
@@ -37,11 +40,15 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_budget import METRIC, REAL, real_callback, retime
 
+from onnxlr import data
+from onnxlr.budget.outputs import output_error, run_outputs, softmax_logits
+from onnxlr.budget.planning import CHECK_SAMPLES, check_samples
 from onnxlr.config import load_rules
 from onnxlr.pipeline import compress_file
 from tools.real_models.tasks import sample_parts
 
 RESAMPLES = 2000
+UNSEEN_FROM = 100  # of the 200 calibration samples of tools/real_models
 
 
 def paired_interval(a: np.ndarray, b: np.ndarray, seed: int = 0) -> list[float]:
@@ -92,6 +99,28 @@ def rebuild(name: str, point: dict, path: Path) -> Path:
     return path
 
 
+def output_errors(name: str, paths: list[Path]) -> list[dict]:
+    """Each model's output error against the original on the planner's check samples (with
+    ``--calib-samples 64``, as tools/bench_budget.py plans) and on the unseen samples."""
+    original = onnx.load(str(REAL / name / "model.onnx"))
+    calib = str(REAL / name / "calib.npz")
+    specs = data.model_input_specs(original)
+    sets = {"check": list(data.batches(check_samples(original, calib, CHECK_SAMPLES, 64), specs)),
+            "unseen": list(data.batches([x for i, x in enumerate(data.open_source(calib, specs, what="--calib"))
+                                         if i >= UNSEEN_FROM], specs))}
+
+    def outputs(model: onnx.ModelProto, feeds: list) -> list:
+        logits = softmax_logits(model)
+        return run_outputs(model, feeds, logits)[-len(logits):] if logits else run_outputs(model, feeds)
+
+    reference = {k: outputs(original, feeds) for k, feeds in sets.items()}
+    found = []
+    for path in paths:
+        model = onnx.load(str(path))
+        found.append({k: output_error(reference[k], outputs(model, feeds)) for k, feeds in sets.items()})
+    return found
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("name", choices=sorted(METRIC))
@@ -114,6 +143,7 @@ def main(argv=None) -> int:
     metrics_now = [evaluate(onnx.load(str(path))) for path in rebuilt_now]
     written = [kept / f"point_{i + 1:02d}.onnx" for i in range(len(now))]
     eval_set, key = METRIC[args.name]
+    errors_then, errors_now = output_errors(args.name, rebuilt_then), output_errors(args.name, rebuilt_now)
 
     def parts(path: Path) -> np.ndarray:
         return sample_parts(args.name, path, REAL / args.name, eval_set)[key]
@@ -130,6 +160,7 @@ def main(argv=None) -> int:
                 "written_estimate": q_now["metric"] - metrics_then[i],
                 "rebuilt_estimate": metrics_now[i] - metrics_then[i]}
         rows.append({"target": q_now["setting"], "difference": diff,
+                     "output_error": {"today_rebuilt": errors_now[i], "earlier_rebuilt": errors_then[i]},
                      "today": {"bench": speeds[i], "metric": q_now["metric"], "output_error": q_now["error"]},
                      "today_rebuilt": {"bench": speeds[k + i], "metric": metrics_now[i]},
                      "earlier_rebuilt": {"bench": speeds[2 * k + i], "metric": metrics_then[i],
@@ -147,6 +178,12 @@ def main(argv=None) -> int:
         a, c, b, d = r["today"], r["today_rebuilt"], r["earlier_rebuilt"], r["difference"]
         print(f"| {r['target']:g}x | {_cell(a)} | {_cell(c)} | {_cell(b)} ({b['metric_then']:.4f}) | "
               f"{_diff(d['written_estimate'], d['written'])} | {_diff(d['rebuilt_estimate'], d['rebuilt'])} |")
+    print(f"\noutput error of the rebuilt choices, today / earlier: on the {CHECK_SAMPLES} check samples | on the "
+          f"calibration samples from {UNSEEN_FROM} on")
+    for r in rows:
+        e = r["output_error"]
+        print(f"{r['target']:g}x: {e['today_rebuilt']['check']:.4f} / {e['earlier_rebuilt']['check']:.4f} | "
+              f"{e['today_rebuilt']['unseen']:.4f} / {e['earlier_rebuilt']['unseen']:.4f}")
     return 0
 
 
