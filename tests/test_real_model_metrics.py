@@ -78,3 +78,37 @@ def test_the_paired_interval_of_a_difference_holds_it_and_is_zero_for_the_same_s
     c = np.stack([(rng.random(300) < 0.68).astype(np.float64), np.ones(300)])
     low, high = paired_interval(a, c)
     assert low < 0 < high
+
+
+def _point(kind: str, setting: float, speedup: float, accuracy: float) -> dict:
+    return {"kind": kind, "setting": setting, "layers_replaced": 1, "macs_fraction": 0.5,
+            "measured_speedup": speedup, "error": 0.01, "metric": accuracy,
+            "metrics": {"test.accuracy": accuracy},
+            "bench": {"speedup": speedup, "speedup_p10": speedup - 0.1, "speedup_p90": speedup + 0.1}}
+
+
+@pytest.mark.parametrize("points, verdict", [
+    ([("int8-budget", 5, 4.6, 0.99), ("int8-budget", 6, 5.5, 0.99), ("int8-budget", 8, 7.0, 0.98)],
+     "Reached: int8-aware budget 6x, int8 re-timed 5.50x the fp32 original, at 99.00%."),
+    ([("int8-budget", 5, 4.6, 0.99), ("int8-budget", 8, 7.0, 0.98)],
+     "Not reached, 8% short of the speed asked: int8-aware budget 5x, int8 re-timed 4.60x"),
+    ([("int8-budget", 8, 7.0, 0.98), ("int8-uniform", 0.5, 4.0, 0.99)],
+     ("Not reached: no int8-aware budget point of this sweep is within that loss. The fastest int8 point "
+      "of any kind within it: uniform 0.5 +calib, int8, 4.00x")),
+])
+def test_the_int8_goal_line_says_whether_the_sweep_reached_it_and_by_how_much(tmp_path, points, verdict):
+    """docs/eval's issue-15 line for the bundled model (goal: 5x the fp32 original at no loss),
+    from a planted sweep file."""
+    import json
+
+    from tools import eval_suite
+
+    pts = [_point("budget", 2, 2.0, 0.99), _point("int8-original", 0, 3.0, 0.99)]
+    pts += [_point(kind, setting, speedup, acc) for kind, setting, speedup, acc in points]
+    (tmp_path / "digits.json").write_text(json.dumps({
+        "points": pts, "baseline_metric": 0.99, "baseline_metrics": {"test.accuracy": 0.99}}))
+    res = {"model": "digits_vgg", "primary": "test.accuracy", "baseline": {}}
+    (line, _) = eval_suite.int8_goal(res, tmp_path)
+    assert line.startswith("**Issue #15's goal** for the int8-aware budget: at least 5x the fp32 original's "
+                           "speed at no loss (99.00%).")
+    assert verdict in line

@@ -633,13 +633,13 @@ def budget_table(res: dict) -> list[str]:
     return lines
 
 
-def int8_goal(res: dict) -> list[str]:
+def int8_goal(res: dict, folder: Path = BUDGET_DIR) -> list[str]:
     """Issue #15's goal for the model's int8-aware budget (``BUDGET[model]["int8_goal"]``: the
     reference, the speedup over it, the most metric lost beyond the reference's), and whether the
     sweep reached it: the fastest int8-aware budget point within that loss, and by how much it
     falls short."""
     goal = BUDGET.get(res["model"], {}).get("int8_goal")
-    bp = budget_points(res)
+    bp = budget_points(res, folder)
     if goal is None or bp is None or not bp["int8-original"]:
         return []
     ref_name, wanted, loss = goal
