@@ -112,3 +112,23 @@ def test_the_int8_goal_line_says_whether_the_sweep_reached_it_and_by_how_much(tm
     assert line.startswith("**Issue #15's goal** for the int8-aware budget: at least 5x the fp32 original's "
                            "speed at no loss (99.00%).")
     assert verdict in line
+
+
+def test_the_int8_goal_line_reads_the_useful_range_sweep_when_the_frontier_has_no_point_within_the_loss(tmp_path):
+    import json
+
+    from tools import eval_suite
+
+    def sweep(folder, points):
+        folder.mkdir(exist_ok=True)
+        (folder / "digits.json").write_text(json.dumps({
+            "points": [_point("int8-original", 0, 3.0, 0.99)] + [_point(*p) for p in points],
+            "baseline_metric": 0.99, "baseline_metrics": {"test.accuracy": 0.99}, "date": "planted"}))
+
+    sweep(tmp_path, [("int8-budget", 8, 7.0, 0.98)])
+    sweep(tmp_path / "int8_range", [("int8-budget", 4.5, 4.8, 0.99), ("int8-budget", 6, 6.0, 0.97)])
+    (line, _) = eval_suite.int8_goal({"model": "digits_vgg", "primary": "test.accuracy", "baseline": {}}, tmp_path)
+    assert "Not reached: no int8-aware budget point of this sweep is within that loss." in line
+    assert line.endswith("In the useful-range sweep (`" + str(tmp_path / "int8_range" / "digits.json")
+                         + "`, planted): Not reached, 4% short of the speed asked: int8-aware budget 4.5x, "
+                         "int8 re-timed 4.80x the fp32 original, at 99.00%.")
