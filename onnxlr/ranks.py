@@ -113,7 +113,7 @@ class RankLog:
 def round_up(rank: int, multiple: int, full: int) -> int:
     if multiple <= 1:
         return min(rank, full)
-    return min(full, int(math.ceil(rank / multiple)) * multiple)
+    return min(full, math.ceil(rank / multiple) * multiple)
 
 
 def energy_rank(singular_values: np.ndarray, energy: float) -> int:
@@ -145,7 +145,7 @@ def _spectral_rank(spec: RankSpec, spectra: list[np.ndarray], shape: tuple[int, 
     from onnxlr.evbmf import evbmf_rank
 
     full = min(shape)
-    floor = max(1, int(math.ceil(full * EVBMF_MIN_FRACTION)))
+    floor = max(1, math.ceil(full * EVBMF_MIN_FRACTION))
     # A Gram matrix of the long side has more eigenvalues than the matrix has singular values:
     # the extra ones are zeros.
     estimates = [
@@ -164,7 +164,7 @@ def svd_rank(spec: RankSpec, spectra: list[np.ndarray], shape: tuple[int, int], 
         log.raw["rank"] = rank
         return rank
     if spec.kind == "fraction":
-        raw = max(1, int(math.ceil(spec.value * full)))
+        raw = max(1, math.ceil(spec.value * full))
     else:
         raw = _spectral_rank(spec, spectra, shape, log, "matrix")
     log.raw["rank"] = raw
@@ -187,8 +187,8 @@ def tucker_ranks(
         log.raw.update(rank_out=r4, rank_in=r3)
         return r4, r3
     if spec.kind == "fraction":
-        raw4 = max(1, int(math.ceil(spec.value * t_g)))
-        raw3 = max(1, int(math.ceil(spec.value * s_g)))
+        raw4 = max(1, math.ceil(spec.value * t_g))
+        raw3 = max(1, math.ceil(spec.value * s_g))
     else:
         raw4 = _spectral_rank(spec, spectra_out, (t_g, s_g * k), log, "output channels")
         raw3 = _spectral_rank(spec, spectra_in, (s_g, t_g * k), log, "input channels")
@@ -211,7 +211,7 @@ def cp_rank(
         log.raw["rank"] = rank
         return rank
     if spec.kind == "fraction":
-        raw = max(1, int(math.ceil(spec.value * max(dims[0], dims[1]))))
+        raw = max(1, math.ceil(spec.value * max(dims[0], dims[1])))
     else:
         inner = RankLog()
         r4, r3 = tucker_ranks(spec, spectra_out, spectra_in, group_shape, 1, inner)

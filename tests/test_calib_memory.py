@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxlr.calib import fit
 from onnxlr.cli import main
+import itertools
 
 
 def _three_branch_model(rng) -> onnx.ModelProto:
@@ -185,7 +186,7 @@ def test_a_stacked_npz_is_read_in_chunks_not_whole(tmp_path, monkeypatch):
 def _mlp(rng, widths=(48, 64, 64, 32)) -> onnx.ModelProto:
     """x [n, 48] -> (MatMul + Add + Relu) x 3: every weight over 1 kB, so it can live on disk."""
     nodes, inits, x = [], [], "x"
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         inits += [numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"W{i}"),
                   numpy_helper.from_array((rng.standard_normal(b) * 0.1).astype(np.float32), f"B{i}")]
         nodes += [helper.make_node("MatMul", [x, f"W{i}"], [f"m{i}"], name=f"fc{i}"),
@@ -220,7 +221,7 @@ def test_a_model_with_external_data_calibrates_from_disk_as_one_in_memory(tmp_pa
                     location="m.onnx.data", size_threshold=0)
     x = (rng.standard_normal((40, 48)) * np.linspace(0.1, 3, 48)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
-    options = dict(rank="0.25", calib=str(tmp_path / "calib.npz"), calib_stages="all")
+    options = {"rank": "0.25", "calib": str(tmp_path / "calib.npz"), "calib_stages": "all"}
 
     _, in_memory = compress_file(tmp_path / "mem.onnx", tmp_path / "o_mem.onnx", **options)
     refined = [r.name for r in in_memory.layers if any(n.startswith("calib: ") and "->" in n for n in r.notes)]

@@ -162,7 +162,7 @@ def test_matmul_followed_by_a_bias_add_gets_a_refitted_bias(tmp_path, mode):
     np.savez(tmp_path / "calib.npz", x=make(200))
     held = make(40)
     free, _ = compress(model, rank="6", round_to=1)
-    aware, report = compress(model, rank="6", round_to=1, calib=str(tmp_path / "calib.npz"), calib_mode=mode)
+    aware, _report = compress(model, rank="6", round_to=1, calib=str(tmp_path / "calib.npz"), calib_mode=mode)
     onnx.checker.check_model(aware, full_check=True)
     adds = [n for n in aware.graph.node if n.op_type == "Add"]
     assert len(adds) == 2 and all(any("_lr_bias" in i for i in n.input) for n in adds), adds

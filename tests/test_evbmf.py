@@ -19,6 +19,7 @@ from onnxlr.evbmf import (
     weakened_rank,
     x_threshold,
 )
+import itertools
 
 SIGMA2_RTOL = 0.1  # estimated noise variance vs the planted one, at high SNR
 SV_RTOL = 1e-7  # Gram-route singular values vs LAPACK's, relative to the largest
@@ -77,7 +78,7 @@ def test_rank_degrades_gracefully_as_noise_grows(shape, rank):
         assert 1 <= est.rank <= min(shape)
         ranks.append(est.rank)
     assert ranks[0] == rank
-    assert all(a >= b for a, b in zip(ranks, ranks[1:])), ranks
+    assert all(a >= b for a, b in itertools.pairwise(ranks)), ranks
     assert ranks[-1] < rank // 2, ranks  # it does degrade
     assert len(set(ranks)) >= 3, ranks  # ... through intermediate ranks, not a cliff
 
@@ -185,7 +186,7 @@ def test_weaken_one_is_plain_and_smaller_weaken_is_gentler():
     weakens = (1.0, 0.9, 0.7, 0.5, 0.3, 0.1, 0.01)
     ranks = [evbmf_rank(sv, matrix.shape, weaken=w).rank for w in weakens]
     assert ranks[0] == plain.rank == 10
-    assert all(a <= b for a, b in zip(ranks, ranks[1:])), ranks
+    assert all(a <= b for a, b in itertools.pairwise(ranks)), ranks
     assert ranks[-1] > ranks[0] and max(ranks) <= 64
     weak = evbmf_rank(sv, matrix.shape, weaken=0.5)
     assert (weak.signal_rank, weak.rank) == (10, 37) and "W = 0.5" in weak.note
@@ -316,7 +317,7 @@ def test_sigma2_is_the_global_minimizer_of_the_paper_objective(shape, rank, nois
 def test_property_rank_is_always_in_range(
     rows, cols, rank_fraction, noise, strength, no_signal_rank, weaken, seed
 ):
-    rank = int(round(rank_fraction * min(rows, cols)))
+    rank = round(rank_fraction * min(rows, cols))
     rng = np.random.default_rng(seed)
     matrix = noise * rng.standard_normal((rows, cols))
     if rank:

@@ -51,7 +51,7 @@ def main() -> None:
     folder = args.data / args.model
     results = {}
     for mode in args.modes.split(","):
-        options = dict(rank=args.rank, method=args.method, exclude=tuple(args.exclude))
+        options = {"rank": args.rank, "method": args.method, "exclude": tuple(args.exclude)}
         if mode != "free":
             options.update(calib=str(folder / "calib.npz"), calib_samples=args.samples, calib_mode=mode)
         start = time.time()

@@ -389,7 +389,7 @@ def resolve_shapes(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int
                     raise OnnxlrError(f"--shape {spec.name}:{','.join(map(str, shape))} disagrees with the "
                                       f"model's fixed shape {format_dims(spec.dims)}")
         else:
-            shape = list(1 if d is None else d for d in spec.dims)
+            shape = [1 if d is None else d for d in spec.dims]
             axis = axes[spec.name]
             if batch is not None and axis is not None:
                 if spec.dims[axis] is None:
