@@ -180,7 +180,7 @@ def improve(hulls: dict, positions: dict, err2, names: dict, budget_s: float = S
                 if dj > 0 and j != i and saving(pos) + ds_i + ds_j >= need:
                     swaps.append((de_i + de_j, ((i, -1), (j, +1))))
         swaps = sorted((s for s in swaps if s[0] < 0), key=lambda s: s[0])
-        best, built = None, 0
+        best, built, within_noise = None, 0, 0
         for est, moves in swaps:
             if built == TOP_SWAPS or left() < eval_s:
                 break
@@ -194,10 +194,15 @@ def improve(hulls: dict, positions: dict, err2, names: dict, budget_s: float = S
             e = err2(choice(p))
             result.evaluations += 1
             built += 1
-            if lower(e, errors) and (best is None or np.sum(e) < np.sum(best[0])):
-                best = (e, p, moves)
+            if lower(e, errors):
+                if best is None or np.sum(e) < np.sum(best[0]):
+                    best = (e, p, moves)
+            elif np.sum(e) < error:
+                within_noise += 1
         if best is None:
-            result.stopped = "no measured swap lowers the error" if left() >= eval_s else "time"
+            result.stopped = "time" if left() < eval_s else "no measured swap lowers the error" + (
+                f" beyond the samples' noise ({within_noise} lowered it less than {MIN_DROP_SE:g} standard "
+                "error(s) of the paired difference)" if within_noise else "")
             break
         errors, new = best[0], best[2]
         error = float(np.sum(errors))
