@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_budget import METRIC, REAL, real_callback, retime
 
 from onnxlr import data
-from onnxlr.budget.outputs import output_error, run_outputs, softmax_logits
+from onnxlr.budget.outputs import logits_or_outputs, output_error
 from onnxlr.budget.planning import CHECK_SAMPLES, check_samples
 from onnxlr.config import load_rules
 from onnxlr.pipeline import compress_file
@@ -109,15 +109,11 @@ def output_errors(name: str, paths: list[Path]) -> list[dict]:
             "unseen": list(data.batches([x for i, x in enumerate(data.open_source(calib, specs, what="--calib"))
                                          if i >= UNSEEN_FROM], specs))}
 
-    def outputs(model: onnx.ModelProto, feeds: list) -> list:
-        logits = softmax_logits(model)
-        return run_outputs(model, feeds, logits)[-len(logits):] if logits else run_outputs(model, feeds)
-
-    reference = {k: outputs(original, feeds) for k, feeds in sets.items()}
+    reference = {k: logits_or_outputs(original, feeds) for k, feeds in sets.items()}
     found = []
     for path in paths:
         model = onnx.load(str(path))
-        found.append({k: output_error(reference[k], outputs(model, feeds)) for k, feeds in sets.items()})
+        found.append({k: output_error(reference[k], logits_or_outputs(model, feeds)) for k, feeds in sets.items()})
     return found
 
 

@@ -57,30 +57,30 @@ def softmax_logits(model: onnx.ModelProto) -> dict:
 
 
 def scored_outputs(plan, model: bytes | onnx.ModelProto, feeds: list) -> list[np.ndarray]:
-    """The outputs errors are measured on: the graph outputs, or the logits of Softmax outputs.
+    """The outputs errors are measured on: the graph outputs, or the logits of Softmax outputs
+    (:func:`logits_or_outputs`), as many as the plan's model has."""
+    if not plan.logits:
+        return run_outputs(model, feeds)
+    return logits_or_outputs(model, feeds, expected=len(plan.logits))
+
+
+def logits_or_outputs(model: bytes | onnx.ModelProto, feeds: list, expected: int | None = None) -> list[np.ndarray]:
+    """The logits of ``model``'s Softmax outputs (:func:`softmax_logits`), or its graph outputs
+    where it has none; ``expected``: how many Softmax outputs it must have.
 
     The logits are found in ``model`` itself, in graph-output order: a tensor name of the plan's
     model need not survive in the models it scores (onnxruntime's quantization pre-processing
     removes the Identity between PP-OCRv6's logits and its Softmax, and the name with it)."""
-    if not plan.logits:
-        return run_outputs(model, feeds)
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
     logits = softmax_logits(proto)
-    if len(logits) != len(plan.logits):
-        raise ValueError(f"the scored model has {len(logits)} Softmax output(s), the plan's {len(plan.logits)}")
-    return run_outputs(proto, feeds, logits)[-len(logits):]
+    if expected is not None and len(logits) != expected:
+        raise ValueError(f"the scored model has {len(logits)} Softmax output(s), the plan's {expected}")
+    return run_outputs(proto, feeds, logits)[-len(logits):] if logits else run_outputs(proto, feeds)
 
 
 def output_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
     """Relative L2 error over all float outputs together."""
-    num = den = 0.0
-    for a, b in zip(reference, candidate):
-        if not np.issubdtype(a.dtype, np.floating):
-            continue
-        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-        num += float(np.sum((a64 - b64) ** 2))
-        den += float(np.sum(a64**2))
-    return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+    return math.sqrt(float(np.sum(sample_errors2(reference, candidate, 1))))
 
 
 def sample_errors2(reference: list[np.ndarray], candidate: list[np.ndarray], samples: int) -> np.ndarray:
@@ -91,11 +91,13 @@ def sample_errors2(reference: list[np.ndarray], candidate: list[np.ndarray], sam
     for a, b in zip(reference, candidate):
         if not np.issubdtype(a.dtype, np.floating):
             continue
-        diff2 = (a.astype(np.float64) - b.astype(np.float64)) ** 2
-        parts = diff2.reshape(samples, -1) if diff2.ndim and diff2.shape[0] == samples else \
-            np.array_split(diff2.ravel(), samples)
-        num += np.array([float(np.sum(x)) for x in parts])
-        den += float(np.sum(a.astype(np.float64) ** 2))
+        a64 = a.astype(np.float64)
+        diff2 = (a64 - b.astype(np.float64)) ** 2
+        if diff2.ndim and diff2.shape[0] == samples:
+            num += diff2.reshape(samples, -1).sum(axis=1)
+        else:
+            num += [float(np.sum(x)) for x in np.array_split(diff2.ravel(), samples)]
+        den += float(np.sum(a64**2))
     if den > 0:
         return num / den
     return np.where(num == 0, 0.0, np.inf)

@@ -160,15 +160,21 @@ def tokenize(src: Path, sentences: list[str], max_length: int = SEQ_LEN) -> dict
 
 
 # ----------------------------------------------------------------------------- metrics
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def cosines(emb: np.ndarray, ref_embedding: np.ndarray) -> np.ndarray:
+    """Each embedding's cosine to the original model's."""
+    return (_unit(emb) * _unit(ref_embedding)).sum(axis=1)
+
+
 def embedding_metrics(emb: np.ndarray, ref_embedding: np.ndarray, labels: np.ndarray) -> dict:
     """Cosine of each embedding to the original model's, and leave-one-out 1-NN topic accuracy
     (cosine similarity) over ``emb`` with ``labels``."""
-    def unit(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    e, r = unit(emb), unit(ref_embedding)
-    cos = (e * r).sum(axis=1)
+    e = _unit(emb)
+    cos = cosines(emb, ref_embedding)
     sim = e @ e.T
     np.fill_diagonal(sim, -np.inf)
     knn = labels[sim.argmax(axis=1)] == labels
@@ -189,8 +195,7 @@ def parts(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
     """Per sentence: the cosine of its embedding to the original model's (mean_cosine)."""
     if eval_set not in EVAL_SETS:
         raise ValueError(f"unknown eval set {eval_set!r}; valid: {', '.join(EVAL_SETS)}")
-    e, r = (x.astype(np.float64) for x in (outputs[0], gt["ref_embedding"]))
-    cos = (e * r).sum(axis=1) / np.maximum(np.linalg.norm(e, axis=1) * np.linalg.norm(r, axis=1), 1e-24)
+    cos = cosines(outputs[0], gt["ref_embedding"])
     return {"mean_cosine": np.stack([cos, np.ones_like(cos)])}
 
 

@@ -179,14 +179,8 @@ def score(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
     """Character accuracy of the model's outputs (probabilities [b, T, C] or their argmax
     [b, T]). The character set comes from the model's metadata; if the model lost it, from the
     copy saved with the ground truth, and ``charset_from_model`` says so."""
-    if eval_set not in EVAL_SETS:
-        raise ValueError(f"unknown eval set {eval_set!r}; valid: {', '.join(EVAL_SETS)}")
-    meta = meta or {}
-    from_model = "character" in meta
-    charset = charset_from_meta(meta if from_model else {"character": str(gt["character"])})
-    out = outputs[0]
-    indices = out.argmax(axis=-1) if out.ndim == 3 else out
-    result = char_accuracy(ctc_greedy(indices, charset), gt["texts"])
+    predicted, from_model = _read(eval_set, outputs, gt, meta)
+    result = char_accuracy(predicted, gt["texts"])
     result["charset_from_model"] = from_model
     return result
 
@@ -195,18 +189,25 @@ def parts(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
           meta: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Per line: characters read right (length less edit distance, of the length; the sums'
     ratio is char_accuracy before its clip at 0) and whether the line was read exactly."""
-    if eval_set not in EVAL_SETS:
-        raise ValueError(f"unknown eval set {eval_set!r}; valid: {', '.join(EVAL_SETS)}")
-    meta = meta or {}
-    charset = charset_from_meta(meta if "character" in meta else {"character": str(gt["character"])})
-    out = outputs[0]
-    predicted = ctc_greedy(out.argmax(axis=-1) if out.ndim == 3 else out, charset)
+    predicted, _ = _read(eval_set, outputs, gt, meta)
     texts = [str(t) for t in gt["texts"]]
     length = np.array([len(t) for t in texts], dtype=np.float64)
     dist = np.array([edit_distance(p, t) for p, t in zip(predicted, texts)], dtype=np.float64)
     exact = np.array([p == t for p, t in zip(predicted, texts)], dtype=np.float64)
     return {"char_accuracy": np.stack([length - dist, length]),
             "line_accuracy": np.stack([exact, np.ones_like(exact)])}
+
+
+def _read(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
+          meta: dict[str, str] | None) -> tuple[list[str], bool]:
+    """(the lines the model read, whether its character set came from the model's metadata)."""
+    if eval_set not in EVAL_SETS:
+        raise ValueError(f"unknown eval set {eval_set!r}; valid: {', '.join(EVAL_SETS)}")
+    meta = meta or {}
+    from_model = "character" in meta
+    charset = charset_from_meta(meta if from_model else {"character": str(gt["character"])})
+    out = outputs[0]
+    return ctc_greedy(out.argmax(axis=-1) if out.ndim == 3 else out, charset), from_model
 
 
 # ----------------------------------------------------------------------------- build
