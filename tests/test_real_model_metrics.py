@@ -132,3 +132,53 @@ def test_the_int8_goal_line_reads_the_useful_range_sweep_when_the_frontier_has_n
     assert line.endswith("In the useful-range sweep (`" + str(tmp_path / "int8_range" / "digits.json")
                          + "`, planted): Not reached, 4% short of the speed asked: int8-aware budget 4.5x, "
                          "int8 re-timed 4.80x the fp32 original, at 99.00%.")
+
+
+def test_fresh_parts_scores_every_model_on_the_same_generated_samples(tmp_path, monkeypatch):
+    """tasks.fresh_parts: one draw of fresh samples, each model's parts on it under the FRESH name."""
+    import types
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tools.real_models import tasks
+
+    def scaled(factor: float, path: Path) -> Path:
+        graph = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+                                  [helper.make_tensor("k", TensorProto.FLOAT, [], [factor])])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        return path
+
+    draws = []
+
+    def fresh(root, n, seed):
+        draws.append((root, n, seed))
+        x = np.random.default_rng(seed).standard_normal((n, 4)).astype(np.float32)
+        return {"x": x}, {"ref_embedding": x}
+
+    fake = types.SimpleNamespace(NAME="fake", FRESH="fresh", fresh=fresh, parts=minilm.parts)
+    monkeypatch.setitem(tasks.MODELS, "fake", fake)
+    paths = [scaled(1.0, tmp_path / "same.onnx"), scaled(-1.0, tmp_path / "flipped.onnx")]
+    same, flipped = tasks.fresh_parts("fake", paths, tmp_path / "fake", 50, 3)
+    assert draws == [(tmp_path, 50, 3)]
+    assert _ratio(same["mean_cosine"]) == pytest.approx(1.0)
+    assert _ratio(flipped["mean_cosine"]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="no generator"):
+        tasks.fresh_parts("efficientnet-lite0", paths, tmp_path, 5, 0)
+
+
+def test_the_fresh_set_is_scored_like_the_evaluation_set_and_other_names_are_refused():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((6, 8))
+    gt = {"ref_embedding": emb}
+    assert _ratio(minilm.parts(minilm.FRESH, [emb], gt)["mean_cosine"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown eval set"):
+        minilm.parts("calib", [emb], gt)
+    charset = "a\nb\nc"
+    indices = np.array([[1, 0, 2, 2, 0, 3]])  # a, blank, b, b, blank, c
+    truth = {"texts": np.array(["abc"]), "character": np.array(charset)}
+    assert _ratio(ppocr.parts(ppocr.FRESH, [indices], truth, {"character": charset})["char_accuracy"]) == 1.0
+    with pytest.raises(ValueError, match="unknown eval set"):
+        ppocr.parts("calib", [indices], truth, {})

@@ -318,6 +318,7 @@ def main(argv=None) -> int:
         data["points"] += extra["points"]
         data["int8"] = {k: extra[k] for k in ("precision", "baseline_ms", "plan_seconds", "seconds", "damage",
                                               "timings")}
+    data["calib_samples"] = None if args.data_free else args.calib_samples
     data["threads"] = __import__("onnxlr.budget.latency", fromlist=["x"]).bench_threads()
     data["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     data["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

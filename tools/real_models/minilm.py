@@ -37,6 +37,10 @@ EVAL_FRACTION = 0.7
 N_CALIB = 200
 SEED = 20240503
 EVAL_SETS = ("eval",)
+FRESH = "fresh"  # sentences from numpy and scipy docstrings (:func:`fresh`), scored as ``eval``
+FRESH_MODULES = ("numpy", "numpy.linalg", "numpy.fft", "numpy.random", "scipy.linalg", "scipy.signal",
+                 "scipy.stats", "scipy.optimize", "scipy.sparse", "scipy.special", "scipy.interpolate",
+                 "scipy.ndimage")
 
 
 # ----------------------------------------------------------------------------- model
@@ -193,13 +197,40 @@ def score(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
 def parts(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
           meta: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Per sentence: the cosine of its embedding to the original model's (mean_cosine)."""
-    if eval_set not in EVAL_SETS:
+    if eval_set not in (*EVAL_SETS, FRESH):
         raise ValueError(f"unknown eval set {eval_set!r}; valid: {', '.join(EVAL_SETS)}")
     cos = cosines(outputs[0], gt["ref_embedding"])
     return {"mean_cosine": np.stack([cos, np.ones_like(cos)])}
 
 
 # ----------------------------------------------------------------------------- build
+def fresh(root: Path, n: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``n`` sentences neither set has: the opening paragraphs (4-60 words, mostly letters, no
+    examples) of the public functions' docstrings of :data:`FRESH_MODULES`, a seeded draw; and
+    the original model's embeddings of them as the reference."""
+    import importlib
+
+    pool = set()
+    for module in map(importlib.import_module, FRESH_MODULES):
+        for name, obj in vars(module).items():
+            doc = getattr(obj, "__doc__", None)
+            if name.startswith("_") or not isinstance(doc, str):
+                continue
+            for paragraph in [p for p in doc.strip().split("\n\n") if p.strip()][:2]:
+                s = re.sub(r"\s+", " ", paragraph).strip()
+                letters = sum(c.isalpha() for c in s)
+                if (4 <= len(s.split()) <= 60 and letters >= 0.6 * len(s.replace(" ", ""))
+                        and ">>>" not in s and "---" not in s):
+                    pool.add(s)
+    pool = sorted(pool - set(topic_sentences()[0]))
+    if len(pool) < n:
+        raise ValueError(f"only {len(pool)} fresh sentences, {n} asked")
+    sentences = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))[:n]]
+    inputs = tokenize(model_dir(root), sentences)
+    reference = common.run_batched(common.session(root / NAME / "model.onnx"), inputs, 100)[0]
+    return inputs, {"ref_embedding": reference}
+
+
 def build(root: Path) -> Path:
     out = root / NAME
     out.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ MAX_SQUEEZE = 1.3  # lines up to 30% wider than 320 at height 48 are squeezed, a
 N_CALIB, N_EVAL = 200, 300
 SEED = 20240502
 EVAL_SETS = ("eval",)
+FRESH = "fresh"  # lines rendered on demand (:func:`fresh`), scored as ``eval``
 
 
 # ----------------------------------------------------------------------------- text
@@ -201,7 +202,7 @@ def parts(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
 def _read(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
           meta: dict[str, str] | None) -> tuple[list[str], bool]:
     """(the lines the model read, whether its character set came from the model's metadata)."""
-    if eval_set not in EVAL_SETS:
+    if eval_set not in (*EVAL_SETS, FRESH):
         raise ValueError(f"unknown eval set {eval_set!r}; valid: {', '.join(EVAL_SETS)}")
     meta = meta or {}
     from_model = "character" in meta
@@ -211,6 +212,18 @@ def _read(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
 
 
 # ----------------------------------------------------------------------------- build
+def fresh(root: Path, n: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``n`` more lines rendered as the sets were, with another ``seed``, none of whose texts is in
+    the calibration or evaluation set: (inputs, ground truth) for a larger held-out comparison."""
+    folder = root / NAME
+    gt = common.load_npz(folder / "eval_gt.npz")
+    used = {str(t) for t in gt["texts"]} | {str(t) for t in common.load_npz(folder / "calib_texts.npz")["texts"]}
+    font_dir = common.wheel_dir(root, FONT_WHEEL) / "matplotlib" / "mpl-data" / "fonts" / "ttf"
+    images, texts = make_lines([font_dir / f for f in FONTS], n + len(used), seed)
+    keep = [i for i, t in enumerate(texts) if t not in used][:n]
+    return {INPUT: images[keep]}, {"texts": np.asarray([texts[i] for i in keep]), "character": gt["character"]}
+
+
 def build(root: Path) -> Path:
     import onnx
 

@@ -10,6 +10,9 @@ Each model module (``effnet``, ``ppocr``, ``minilm``) exposes:
 - ``parts(eval_set, outputs, gt, meta) -> {metric: array [2, n]}``: each sample's numerator and
   denominator of its metrics (a metric is the ratio of their sums), for paired comparisons of two
   models on the same samples (``sample_parts``, ``tools/compare_frontiers.py``);
+- optionally ``fresh(root, n, seed) -> (inputs, ground truth)``: ``n`` more samples made on demand
+  as the sets were and in neither of them, scored by ``parts`` under the set name ``FRESH``
+  (``fresh_parts``; the generated models, PP-OCRv6 and MiniLM);
 - optionally ``compact(outputs) -> outputs``: shrinks each batch's outputs before they are kept
   (``score`` accepts both forms).
 
@@ -36,6 +39,7 @@ __all__ = [
     "char_accuracy",
     "embedding_metrics",
     "evaluate",
+    "fresh_parts",
     "sample_parts",
     "score",
     "top1_agreement",
@@ -74,6 +78,25 @@ def sample_parts(model_name: str, onnx_path: str | Path, data_dir: str | Path, e
     """``{metric: [numerators, denominators]}`` per sample of ``eval_set`` (see the module doc)."""
     mod = model_module(model_name)
     return mod.parts(eval_set, *_run(mod, onnx_path, data_dir, eval_set, batch_size))
+
+
+def fresh_parts(model_name: str, onnx_paths: list[Path], data_dir: str | Path, n: int, seed: int,
+                batch_size: int = 32) -> list[dict[str, np.ndarray]]:
+    """:func:`sample_parts` of each model on the same ``n`` fresh samples (``fresh`` above); the
+    root of the model folders is ``data_dir``'s parent or ``data_dir``."""
+    mod = model_module(model_name)
+    if not hasattr(mod, "fresh"):
+        raise ValueError(f"{model_name} has no generator of fresh samples")
+    data_dir = Path(data_dir)
+    root = data_dir.parent if data_dir.name == mod.NAME else data_dir
+    inputs, gt = mod.fresh(root, n, seed)
+    found = []
+    for path in onnx_paths:
+        sess = common.session(Path(path))
+        meta = dict(sess.get_modelmeta().custom_metadata_map)
+        outputs = common.run_batched(sess, inputs, batch_size, getattr(mod, "compact", None))
+        found.append(mod.parts(mod.FRESH, outputs, gt, meta))
+    return found
 
 
 def _run(mod: ModuleType, onnx_path, data_dir, eval_set: str, batch_size: int) -> tuple:
