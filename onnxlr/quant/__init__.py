@@ -9,7 +9,8 @@ doing it by hand gets wrong or cannot see:
   older model is upgraded with onnx's version converter, or falls back to per-tensor weights when
   it cannot be; the report says which.
 * **Pre-processing** (``quant_pre_process``) runs without forcing a dependency: its symbolic shape
-  inference needs sympy, and is skipped (and reported) when sympy is not installed.
+  inference needs sympy, and is skipped (and reported) when sympy is not installed or when it
+  fails; then the rest of pre-processing still runs.
 * **Sensitivity.** With ``max_error``, each layer's output error when quantized alone is measured
   on held-out feeds, and the worst layers stay in float until the quantized model's measured
   output error (relative L2, worst output) is within the bound (``sensitivity`` module).

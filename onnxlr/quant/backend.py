@@ -10,7 +10,8 @@ model (the sensitivity trials) reads them from there instead of running the data
 ``quant_pre_process`` (shape inference + onnxruntime's basic graph optimizations) can also run
 symbolic shape inference, which needs ``sympy``: when sympy is not installed that part is skipped
 (it matters for transformer models with symbolic dims) and the report says so; onnxlr does not
-depend on sympy.
+depend on sympy. Where the symbolic part fails (PP-OCRv6: "Incomplete symbolic shape inference"),
+pre-processing runs again without it.
 
 Calibration methods are onnxruntime's at its defaults. Measured on the bundled model: ``entropy``
 gives exactly MinMax's ranges there (``quantize_static`` cannot set its histogram size, and at 128
@@ -97,36 +98,50 @@ def _working_directory(folder: Path):
 
 
 def preprocess(src: Path, dst: Path, *, large: bool) -> tuple[bool, str]:
-    """``quant_pre_process(src) -> dst``; returns (done, note). A failure is not fatal: the model
-    is quantized without pre-processing (copied to ``dst``) and the note says why."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+    """``quant_pre_process(src) -> dst``; returns (done, note). Where symbolic shape inference
+    fails, it runs again without it (its graph optimization matters more: measured on PP-OCRv6,
+    quantized without pre-processing 97.45% character accuracy, with it 98.53%). A failure of
+    both is not fatal: the model is quantized without pre-processing (copied to ``dst``) and the
+    note says why."""
     symbolic = has_sympy()
+    failed = None
+    if symbolic:
+        try:
+            _pre_process(src, dst, large=large, symbolic=True)
+            return True, "quant_pre_process: symbolic and ONNX shape inference, graph optimization"
+        except Exception as exc:  # noqa: BLE001 -- a third-party step; retried without its symbolic part
+            failed = _first_line(exc)
     try:
-        # it writes temporary files (sym_shape_infer_temp.onnx, <uuid>.data of big models) into the
-        # working directory: run it from dst's (temporary) folder, not the user's
-        with quiet_onnxruntime(), _working_directory(dst.parent):
-            quant_pre_process(
-                str(src),
-                str(dst),
-                skip_symbolic_shape=not symbolic,
-                save_as_external_data=large,
-                all_tensors_to_one_file=True,
-                external_data_location=dst.name + ".data" if large else None,
-            )
+        _pre_process(src, dst, large=large, symbolic=False)
     except Exception as exc:  # noqa: BLE001 -- a third-party step; quantization goes on without it
         shutil.copyfile(src, dst)
         if large and Path(str(src) + ".data").exists():
             shutil.copyfile(str(src) + ".data", str(dst) + ".data")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return False, f"onnxruntime's quant_pre_process failed ({first}); quantized without it"
-    if symbolic:
-        return True, "quant_pre_process: symbolic and ONNX shape inference, graph optimization"
-    return True, (
-        "quant_pre_process: ONNX shape inference and graph optimization; symbolic shape "
-        "inference skipped because sympy is not installed (pip install sympy; it helps models "
-        "with symbolic dims, e.g. transformers)"
-    )
+        return False, f"onnxruntime's quant_pre_process failed ({_first_line(exc)}); quantized without it"
+    why = (f"failed ({failed})" if failed else
+           "skipped because sympy is not installed (pip install sympy; it helps models with symbolic dims, "
+           "e.g. transformers)")
+    return True, f"quant_pre_process: ONNX shape inference and graph optimization; symbolic shape inference {why}"
+
+
+def _pre_process(src: Path, dst: Path, *, large: bool, symbolic: bool) -> None:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # it writes temporary files (sym_shape_infer_temp.onnx, <uuid>.data of big models) into the
+    # working directory: run it from dst's (temporary) folder, not the user's
+    with quiet_onnxruntime(), _working_directory(dst.parent):
+        quant_pre_process(
+            str(src),
+            str(dst),
+            skip_symbolic_shape=not symbolic,
+            save_as_external_data=large,
+            all_tensors_to_one_file=True,
+            external_data_location=dst.name + ".data" if large else None,
+        )
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def run_quantizer(
