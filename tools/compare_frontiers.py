@@ -2,9 +2,9 @@
 
 The layer choices of an earlier ``docs/budget/<model>.json`` (from git) and of today's are both
 rebuilt with today's code (``compress --config`` with one rule per chosen layer, symmetric
-calibration on the calibration samples today's frontier was planned with), scored with the model's task metric, and re-timed in one
-interleaved run together with the original and today's budget points as the budget wrote them
-(the models ``tools/bench_budget.py`` kept in ``.cache/budget/<model>``). Both rebuilds refine the
+calibration on as many samples as today's frontier was planned on), scored with the model's task
+metric, and re-timed in one interleaved run together with the original and today's budget points
+as the budget wrote them (the models ``tools/bench_budget.py`` kept in ``.cache/budget/<model>``). Both rebuilds refine the
 same way (``compress`` also fits on the samples the budget holds out), so the comparison of the
 two rebuilds is one of the planners' choices alone, at the same timing conditions.
 
@@ -21,8 +21,8 @@ The evaluation sets are small (159 sentences for MiniLM), so for the models whos
 (PP-OCRv6's rendered lines, MiniLM's sentences) every model is also scored on ``--fresh`` more
 samples made on demand and in neither set (``tools.real_models.tasks.fresh_parts``), with the
 same paired intervals. On them a difference the evaluation set left open is settled: the two
-targets where today's frontier was lower by less than its interval in the first comparison (2026-11-28)
-were lower there too, beyond theirs.
+targets where the frontier of 2026-11-28 04:23 UTC was lower by less than its interval were lower
+there too, beyond theirs.
 
     git show eb19186:docs/budget/all-minilm-l6-v2.json > /tmp/old.json
     ONNXLR_BENCH_THREADS=1 python tools/compare_frontiers.py all-minilm-l6-v2 /tmp/old.json --out docs/budget/compare
@@ -146,15 +146,15 @@ def main(argv=None) -> int:
     folder = ROOT / ".cache" / "compare_frontiers" / args.name
     folder.mkdir(parents=True, exist_ok=True)
     evaluate = real_callback(args.name)
-    samples = today.get("calib_samples") or 64  # files before 2026-11-28 10:00 were all planned on 64
+    samples = today.get("calib_samples") or 64  # files that do not record it were all planned on 64
     rebuilt_then = [rebuild(args.name, q, folder / f"earlier_{q['setting']:g}.onnx", samples) for q in earlier]
     rebuilt_now = [rebuild(args.name, q, folder / f"today_{q['setting']:g}.onnx", samples) for q in now]
     metrics_then = [evaluate(onnx.load(str(path))) for path in rebuilt_then]
     metrics_now = [evaluate(onnx.load(str(path))) for path in rebuilt_now]
     written = [kept / f"point_{i + 1:02d}.onnx" for i in range(len(now))]
     eval_set, key = METRIC[args.name]
-    errors_then, errors_now = (output_errors(args.name, rebuilt_then, samples),
-                                  output_errors(args.name, rebuilt_now, samples))
+    errors_then = output_errors(args.name, rebuilt_then, samples)
+    errors_now = output_errors(args.name, rebuilt_now, samples)
 
     def parts(path: Path) -> np.ndarray:
         return sample_parts(args.name, path, REAL / args.name, eval_set)[key]
