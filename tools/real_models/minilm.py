@@ -198,7 +198,7 @@ def parts(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
           meta: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Per sentence: the cosine of its embedding to the original model's (mean_cosine)."""
     if eval_set not in (*EVAL_SETS, FRESH):
-        raise ValueError(f"unknown eval set {eval_set!r}; valid: {', '.join(EVAL_SETS)}")
+        raise ValueError(f"unknown eval set {eval_set!r}; valid: {', '.join((*EVAL_SETS, FRESH))}")
     cos = cosines(outputs[0], gt["ref_embedding"])
     return {"mean_cosine": np.stack([cos, np.ones_like(cos)])}
 
@@ -209,12 +209,15 @@ def fresh(root: Path, n: int, seed: int) -> tuple[dict[str, np.ndarray], dict[st
     examples) of the public functions' docstrings of :data:`FRESH_MODULES`, a seeded draw; and
     the original model's embeddings of them as the reference."""
     import importlib
+    import types
 
     pool = set()
     for module in map(importlib.import_module, FRESH_MODULES):
         for name, obj in vars(module).items():
             doc = getattr(obj, "__doc__", None)
-            if name.startswith("_") or not isinstance(doc, str):
+            # submodules are skipped: which of them a lazily loading package (scipy) lists depends
+            # on what the process imported before, and the draw must not
+            if name.startswith("_") or not isinstance(doc, str) or isinstance(obj, types.ModuleType):
                 continue
             for paragraph in [p for p in doc.strip().split("\n\n") if p.strip()][:2]:
                 s = re.sub(r"\s+", " ", paragraph).strip()

@@ -203,7 +203,7 @@ def _read(eval_set: str, outputs: list[np.ndarray], gt: dict[str, np.ndarray],
           meta: dict[str, str] | None) -> tuple[list[str], bool]:
     """(the lines the model read, whether its character set came from the model's metadata)."""
     if eval_set not in (*EVAL_SETS, FRESH):
-        raise ValueError(f"unknown eval set {eval_set!r}; valid: {', '.join(EVAL_SETS)}")
+        raise ValueError(f"unknown eval set {eval_set!r}; valid: {', '.join((*EVAL_SETS, FRESH))}")
     meta = meta or {}
     from_model = "character" in meta
     charset = charset_from_meta(meta if from_model else {"character": str(gt["character"])})

@@ -92,9 +92,7 @@ def fresh_parts(model_name: str, onnx_paths: list[Path], data_dir: str | Path, n
     inputs, gt = mod.fresh(root, n, seed)
     found = []
     for path in onnx_paths:
-        sess = common.session(Path(path))
-        meta = dict(sess.get_modelmeta().custom_metadata_map)
-        outputs = common.run_batched(sess, inputs, batch_size, getattr(mod, "compact", None))
+        outputs, meta = _outputs(mod, path, inputs, batch_size)
         found.append(mod.parts(mod.FRESH, outputs, gt, meta))
     return found
 
@@ -104,8 +102,12 @@ def _run(mod: ModuleType, onnx_path, data_dir, eval_set: str, batch_size: int) -
     data_dir = Path(data_dir)
     if not (data_dir / f"{mod.EVAL_SETS[0]}.npz").exists() and (data_dir / mod.NAME).is_dir():
         data_dir = data_dir / mod.NAME
+    outputs, meta = _outputs(mod, onnx_path, common.load_npz(data_dir / f"{eval_set}.npz"), batch_size)
+    return outputs, common.load_npz(data_dir / f"{eval_set}_gt.npz"), meta
+
+
+def _outputs(mod: ModuleType, onnx_path, inputs: dict[str, np.ndarray], batch_size: int) -> tuple[list, dict]:
+    """(the model's outputs on ``inputs``, compacted as the model module asks; its metadata)."""
     sess = common.session(Path(onnx_path))
     meta = dict(sess.get_modelmeta().custom_metadata_map)
-    inputs = common.load_npz(data_dir / f"{eval_set}.npz")
-    gt = common.load_npz(data_dir / f"{eval_set}_gt.npz")
-    return common.run_batched(sess, inputs, batch_size, getattr(mod, "compact", None)), gt, meta
+    return common.run_batched(sess, inputs, batch_size, getattr(mod, "compact", None)), meta
